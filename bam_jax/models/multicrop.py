@@ -1,0 +1,53 @@
+"""Backbone + projector over all crops (official `MultiCropWrapper`).
+
+The backbone runs once per crop resolution on all crops of that resolution; the
+projector runs once on every crop together, so BatchNorm statistics (when the projector
+has BN) cover all crops of the global batch, as in the official code.
+
+Crops arrive crop-major, `[n_crops_of_size, B, H, W, C]`, sharded on the image axis
+`B`. They are made image-major (`[B·n, H, W, C]`) before the backbone, so each device's
+rows stay on that device: the transposes here never move data between devices.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bam_jax.models.projector import ProjectionHead
+from bam_jax.models.vit import vit
+
+
+class MultiCropNetwork(nn.Module):
+    """`crops` (one array per resolution) -> embeddings `[n_crops, B, out_dim]`."""
+    backbone: nn.Module
+    projector: nn.Module
+
+    def __call__(self, crops: Sequence[jnp.ndarray], *, train: bool = False):
+        features = []
+        for group in crops:
+            n_views, n_images = group.shape[:2]
+            images = jnp.swapaxes(group, 0, 1).reshape(n_views * n_images,
+                                                        *group.shape[2:])
+            group_features = self.backbone(images, train=train)
+            features.append(group_features.reshape(n_images, n_views, -1))
+        embeddings = self.projector(jnp.concatenate(features, axis=1), train=train)
+        return jnp.swapaxes(embeddings, 0, 1)
+
+
+def build_network(config) -> MultiCropNetwork:
+    """The student (and teacher) network of a run: `config.model` + `config.projector`.
+
+    `config.model.name` picks the backbone family (only 'vit' so far); the other
+    `config.model` keys are the family's arguments, e.g. `variant`, `patch_size`.
+    """
+    model = dict(config.model)
+    name = model.pop('name')
+    dtype = jnp.dtype(config.compute_dtype)
+    if name != 'vit':
+        raise ValueError(f"unknown config.model.name {name!r}; expected 'vit'")
+    backbone = vit(model.pop('variant'), dtype=dtype, **model)
+    projector = ProjectionHead(dtype=dtype, **config.projector)
+    return MultiCropNetwork(backbone=backbone, projector=projector)

@@ -1,0 +1,59 @@
+"""From a run config to the network, optimizer, schedules, state and jitted step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import optax
+
+from bam_jax.models.multicrop import build_network
+from bam_jax.models.vit import is_frozen
+from bam_jax.train.optimizer import make_optimizer
+from bam_jax.train.schedules import Schedules, make_schedules
+from bam_jax.train.state import TrainState, create_train_state
+from bam_jax.train.step import loss_kwargs_from_config, make_train_step
+
+
+def frozen_mask(params):
+    """True for the leaves frozen at initialisation (patch projection, position table)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(path), params)
+
+
+def crop_shapes(config, batch_size: int) -> list[tuple[int, ...]]:
+    """`[n_views, B, H, W, 3]` per crop resolution, global first (`batch_crops` order)."""
+    crops = config.crops
+    shapes = [(crops.n_global, batch_size, crops.global_size, crops.global_size, 3)]
+    if crops.n_local:
+        shapes.append((crops.n_local, batch_size, crops.local_size, crops.local_size, 3))
+    return shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    network: nn.Module
+    tx: optax.GradientTransformation
+    schedules: Schedules
+    state: TrainState
+    train_step: Callable
+
+
+def build_training(config, mesh: jax.sharding.Mesh, steps_per_epoch: int,
+                   rng: jax.Array | None = None) -> Training:
+    """Everything a run needs; the state is placed replicated on `mesh`."""
+    network = build_network(config)
+    schedules = make_schedules(config, steps_per_epoch)
+    optimizer = config.optimizer
+    tx = make_optimizer(
+        optimizer.name, schedules.learning_rate, schedules.weight_decay,
+        frozen=frozen_mask, clip_grad=optimizer.clip_grad, b1=optimizer.b1,
+        b2=optimizer.b2, eps=optimizer.eps, lars_momentum=optimizer.lars_momentum,
+        lars_eta=optimizer.lars_eta)
+    rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+    state = create_train_state(network, tx, rng, crop_shapes(config, 2),
+                               teacher=config.teacher, mesh=mesh)
+    train_step = make_train_step(network, tx, schedules, loss_kwargs_from_config(config),
+                                 mesh=mesh)
+    return Training(network, tx, schedules, state, train_step)

@@ -1,0 +1,115 @@
+"""One BAM training step: forward student and teacher, loss, update, EMA.
+
+Order within a step, as in the official loop: schedules at the current step → student
+and teacher forward on the same crops (the teacher in train mode, as the official
+teacher is) → BAM loss → clipped AdamW/LARS update → EMA of the teacher toward the
+updated student.
+
+The official code performs the EMA at the start of the *next* iteration's forward with
+momentum `m[t+1]`; doing it at the end of step `t` with `m[t+1]` gives the teacher the
+exact same sequence of values and keeps the state self-contained.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bam_jax.loss import bam_loss
+from bam_jax.models.vit import is_frozen
+from bam_jax.train.schedules import Schedules
+from bam_jax.train.state import TrainState
+
+CROP_GROUPS = ('global', 'local')
+
+
+def batch_crops(batch: dict[str, jax.Array]) -> list[jax.Array]:
+    """The crop groups of a batch, global first: the loss's crop order."""
+    return [batch[group] for group in CROP_GROUPS if batch.get(group) is not None]
+
+
+def ema(teacher, student, momentum):
+    """θ_t ← m·θ_t + (1 − m)·θ_s; frozen leaves are left bit-identical."""
+    def update(path, teacher_leaf, student_leaf):
+        if is_frozen(path):
+            return teacher_leaf
+        return momentum * teacher_leaf + (1 - momentum) * student_leaf
+    return jax.tree_util.tree_map_with_path(update, teacher, student)
+
+
+def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
+                    schedules: Schedules, loss_kwargs: dict[str, Any], *,
+                    mesh: jax.sharding.Mesh, axis_name: str = 'data',
+                    donate: bool = True) -> Callable[[TrainState, dict], tuple]:
+    """The jitted step `(state, batch) -> (state, metrics)`.
+
+    `batch` maps 'global' (and 'local', if any) to crops `[n_views, B, H, W, C]`,
+    sharded over `axis_name` on the image axis. The state is replicated and donated.
+    `loss_kwargs` are `bam_loss`'s static arguments (all but ε, which is scheduled).
+    """
+    loss_fn = functools.partial(bam_loss, mesh=mesh, axis_name=axis_name, **loss_kwargs)
+
+    def forward(params, batch_stats, crops, rng):
+        variables = {'params': params, 'batch_stats': batch_stats}
+        return network.apply(variables, crops, train=True, rngs={'dropout': rng},
+                             mutable=['batch_stats'])
+
+    def train_step(state: TrainState, batch):
+        crops = batch_crops(batch)
+        hyper = schedules(state.step)
+        student_rng, teacher_rng = jax.random.split(jax.random.fold_in(state.rng,
+                                                                       state.step))
+        has_teacher = state.teacher_params is not None
+        teacher_batch_stats = state.teacher_batch_stats
+        z_teacher = None
+        if has_teacher:
+            z_teacher, teacher_updates = forward(state.teacher_params,
+                                                 state.teacher_batch_stats, crops,
+                                                 teacher_rng)
+            z_teacher = jax.lax.stop_gradient(z_teacher)
+            teacher_batch_stats = teacher_updates.get('batch_stats', {})
+
+        def objective(params):
+            z_student, updates = forward(params, state.batch_stats, crops, student_rng)
+            loss, metrics = loss_fn(z_student, z_teacher,
+                                    sinkhorn_reg=hyper['sinkhorn_reg'])
+            return loss, (metrics, updates.get('batch_stats', {}))
+
+        (loss, (metrics, batch_stats)), grads = jax.value_and_grad(
+            objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_step = state.step + 1
+        teacher_params = None
+        if has_teacher:
+            hyper['teacher_momentum'] = schedules.teacher_momentum(new_step)
+            teacher_params = ema(state.teacher_params, params,
+                                 hyper['teacher_momentum'])
+        new_state = state.replace(
+            step=new_step, params=params, batch_stats=batch_stats,
+            teacher_params=teacher_params, teacher_batch_stats=teacher_batch_stats,
+            opt_state=opt_state)
+        metrics = {'loss': loss, **metrics, **hyper,
+                   'grad_norm': optax.tree.norm(grads),
+                   'update_norm': optax.tree.norm(updates),
+                   'param_norm': optax.tree.norm(params)}
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, P())
+    images = NamedSharding(mesh, P(None, axis_name))
+    return jax.jit(train_step, in_shardings=(replicated, images),
+                   out_shardings=(replicated, replicated),
+                   donate_argnums=(0,) if donate else ())
+
+
+def loss_kwargs_from_config(config) -> dict[str, Any]:
+    """`bam_loss`'s static arguments from a run config."""
+    loss = config.loss
+    return dict(n_global_crops=config.crops.n_global, n_target_crops=loss.n_target_crops,
+                temperature=loss.temperature, sinkhorn_iters=loss.sinkhorn_iters,
+                top_k=loss.top_k, positive_masking=loss.positive_masking)
