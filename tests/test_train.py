@@ -273,3 +273,19 @@ def test_metrics_report_every_schedule_value():
     assert float(metrics['learning_rate']) == 0.0  # first warm-up step
     assert float(metrics['weight_decay']) == pytest.approx(0.04)
     assert float(metrics['sinkhorn_reg']) == pytest.approx(0.05)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss():
+    config = tiny_config()
+    config.model.drop_path_rate = 0.0
+    mesh = data_mesh(2)
+    batch = place(random_batch(config, 0), mesh)
+    losses = {}
+    for dtype in ('float32', 'bfloat16'):
+        config.compute_dtype = dtype
+        training = train_lib.build_training(config, mesh, steps_per_epoch=5)
+        state, metrics = training.train_step(training.state, batch)
+        assert metrics['loss'].dtype == jnp.float32
+        assert {str(leaf.dtype) for leaf in jax.tree.leaves(state.params)} == {'float32'}
+        losses[dtype] = float(metrics['loss'])
+    assert losses['bfloat16'] == pytest.approx(losses['float32'], rel=2e-2)
