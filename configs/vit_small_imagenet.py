@@ -44,7 +44,10 @@ def get_config():
         source='tfds', name='imagenet2012', data_dir=None, split='train',
         num_workers=10,  # per process, as the official loader's --num_workers 10
         max_bad_fraction=0.001,  # stop the run when more images than this are unreadable
-        synthetic_num_examples=10_000, synthetic_image_shape=(375, 500)))
+        synthetic_num_examples=10_000, synthetic_image_shape=(375, 500),
+        # ContrastiveCrop (official scripts: on, warm-up 40, boxes every 40 epochs).
+        ccrop=True, ccrop_warmup_epochs=40, ccrop_loc_interval=40, ccrop_image_size=224,
+        ccrop_box_threshold=0.1))
 
     config.loss = ml_collections.ConfigDict(dict(
         n_target_crops=2, temperature=0.1, sinkhorn_reg=0.05, sinkhorn_reg_final=0.05,

@@ -1,0 +1,289 @@
+"""Sources, host crops and the grain pipeline, on real files written here."""
+
+import logging
+import math
+import os
+
+from absl import flags
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from bam_jax.data import crops as crops_lib
+from bam_jax.data import pipeline, sources
+from configs import vit_small_imagenet
+
+flags.FLAGS.mark_as_parsed()  # grain reads absl flags.
+
+N_CLASSES, PER_CLASS = 2, 6  # 12 images, one of them corrupt
+
+
+def _crops_config(**overrides):
+    config = vit_small_imagenet.get_config().crops
+    config.update(dict(global_size=32, local_size=16, n_local=2, **overrides))
+    return config
+
+
+def _photo(rng, height, width):
+    """A smooth colour image with noise, so JPEG has something realistic to encode."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [np.sin(rng.uniform(2, 9) * x + rng.uniform(2, 9) * y + rng.uniform(0, 6))
+                for _ in range(3)]
+    image = 127.5 * (1 + np.stack(channels, -1)) + rng.normal(0, 8, (height, width, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    """root/train/<class>/<image>: JPEGs and PNGs of assorted sizes and one truncated JPEG."""
+    root = tmp_path_factory.mktemp('folder')
+    rng = np.random.default_rng(0)
+    for label in range(N_CLASSES):
+        directory = root / 'train' / f'class_{label}'
+        directory.mkdir(parents=True)
+        for i in range(PER_CLASS):
+            image = Image.fromarray(_photo(rng, 40 + 4 * i, 56 - 2 * i))
+            image.save(directory / f'{i}.png' if i % 2 else directory / f'{i}.jpg')
+    corrupt = root / 'train' / 'class_1' / '3.jpg'
+    os.remove(root / 'train' / 'class_1' / '3.png')
+    corrupt.write_bytes((root / 'train' / 'class_1' / '2.jpg').read_bytes()[:200])
+    (root / 'train' / 'class_1' / 'notes.txt').write_text('not an image')
+    (root / 'empty' / 'class_0').mkdir(parents=True)
+    return root
+
+
+def _all_batches(dataset):
+    return list(iter(dataset))
+
+
+def test_image_folder_source(image_folder):
+    source = sources.ImageFolderSource(str(image_folder / 'train'))
+    assert len(source) == N_CLASSES * PER_CLASS
+    assert source.classes == ['class_0', 'class_1']
+    np.testing.assert_array_equal(source.labels, [0] * PER_CLASS + [1] * PER_CLASS)
+    record = source[7]
+    assert record['index'] == 7 and record['label'] == 1
+    assert record['path'].endswith(os.path.join('class_1', '1.png'))
+    assert crops_lib.decode(record['image']).size == (54, 44)
+
+
+def test_folder_epoch_skips_and_counts_the_corrupt_image(image_folder, caplog):
+    source = sources.ImageFolderSource(str(image_folder / 'train'))
+    dataset = pipeline.make_pipeline(source, _crops_config(), batch_size=5, seed=0,
+                                     num_epochs=1, max_bad_fraction=0.1)
+    iterator = iter(dataset)
+    with caplog.at_level(logging.WARNING):
+        batches = list(iterator)
+    assert len(batches) == 2  # 11 readable images → two full batches of 5, one left over
+    corrupt_index = source.paths.index(str(image_folder / 'train' / 'class_1' / '3.jpg'))
+    assert iterator.bad_count == 1 and iterator.get_state()['bad_count'] == 1
+    assert 'class_1/3.jpg' in caplog.text
+    indices = np.concatenate([batch['index'] for batch in batches])
+    assert corrupt_index not in indices and len(set(indices.tolist())) == 10
+    np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]),
+                                  source.labels[indices])
+
+
+def test_too_many_bad_images_stop_the_run(image_folder):
+    source = sources.ImageFolderSource(str(image_folder / 'train'))
+    dataset = pipeline.make_pipeline(source, _crops_config(), batch_size=4, seed=0,
+                                     num_epochs=1, max_bad_fraction=0.05)  # 0.6 of 12 allowed
+    with pytest.raises(sources.DataError, match=r'1 of \d+ images.*class_1/3\.jpg'):
+        _all_batches(dataset)
+
+
+def test_batch_format_shapes_dtypes_and_ranges(image_folder):
+    config = _crops_config()
+    source = sources.ImageFolderSource(str(image_folder / 'train'))
+    batch = next(iter(pipeline.make_pipeline(source, config, batch_size=3, seed=1)))
+    assert batch['global'].shape == (2, 3, 32, 32, 3) and batch['global'].dtype == np.uint8
+    assert batch['local'].shape == (2, 3, 16, 16, 3) and batch['local'].dtype == np.uint8
+    assert batch['label'].dtype == np.int32 and batch['index'].dtype == np.int32
+    assert batch['seed'].shape == (3, 2) and batch['seed'].dtype == np.uint32
+    assert batch['global'].max() > 200 and batch['global'].min() < 50
+    config.n_local = 0
+    batch = next(iter(pipeline.make_pipeline(source, config, batch_size=3, seed=1)))
+    assert set(batch) == {'global', 'label', 'index', 'seed'}
+
+
+def test_crop_box_follows_torchvision_sampling():
+    rng = np.random.default_rng(0)
+    height, width, scale = 375, 500, (0.05, 0.25)
+    boxes = np.array([crops_lib.sample_crop_box(rng, height, width, scale)
+                      for _ in range(4000)])
+    top, left, crop_height, crop_width = boxes.T
+    area = crop_height * crop_width / (height * width)
+    assert 0.045 < area.min() and area.max() < 0.26
+    assert abs(np.mean(area) - 0.15) < 0.005  # U(scale) has mean 0.15
+    log_ratio = np.log(crop_width / crop_height)
+    assert np.all(np.abs(log_ratio) <= math.log(4 / 3) + 0.02)
+    assert abs(np.mean(log_ratio)) < 0.01
+    assert np.all(top + crop_height <= height) and np.all(left + crop_width <= width)
+    assert top.min() == 0 and (top + crop_height).max() == height  # placed uniformly
+    # Ten misses (a whole-image crop of a 1:3 strip) fall back to a centre crop at ratio 3/4.
+    assert crops_lib.sample_crop_box(rng, 90, 30, (1.0, 1.0)) == (25, 0, 40, 30)
+    assert crops_lib.sample_crop_box(rng, 30, 90, (1.0, 1.0)) == (0, 25, 30, 40)
+
+
+def test_contrastive_crop_centres_fall_inside_the_box():
+    rng = np.random.default_rng(0)
+    box = np.array([0.5, 0.1, 0.9, 0.4])  # h_min, w_min, h_max, w_max
+    boxes = np.array([crops_lib.sample_crop_box(rng, 200, 300, (0.005, 0.01), box=box)
+                      for _ in range(2000)])
+    centre_y = (boxes[:, 0] + boxes[:, 2] // 2) / 200
+    centre_x = (boxes[:, 1] + boxes[:, 3] // 2) / 300
+    assert np.all((centre_y >= 0.5 - 0.01) & (centre_y <= 0.9 + 0.01))
+    assert np.all((centre_x >= 0.1 - 0.01) & (centre_x <= 0.4 + 0.01))
+    # Beta(0.6, 0.6) is U-shaped: its outer quarters hold 60 %, not a uniform's 50 %.
+    near_edges = np.mean((centre_y < 0.6) | (centre_y > 0.8))
+    assert 0.57 < near_edges < 0.65
+
+
+def test_flip_mirrors_the_same_crop():
+    image = crops_lib.decode(_photo(np.random.default_rng(1), 60, 80))
+    plain = crops_lib.random_resized_crop(image, np.random.default_rng(5), 24, (0.3, 1.0),
+                                          flip_prob=0.0)
+    flipped = crops_lib.random_resized_crop(image, np.random.default_rng(5), 24, (0.3, 1.0),
+                                            flip_prob=1.0)
+    np.testing.assert_array_equal(flipped, plain[:, ::-1])
+    assert not np.array_equal(flipped, plain)
+    top, left, height, width = crops_lib.sample_crop_box(np.random.default_rng(5), 60, 80,
+                                                         (0.3, 1.0))
+    expected = image.crop((left, top, left + width, top + height)).resize((24, 24),
+                                                                          Image.BICUBIC)
+    np.testing.assert_array_equal(plain, np.asarray(expected))
+
+
+def test_same_seed_same_batches_with_0_and_2_workers(image_folder):
+    source = sources.ImageFolderSource(str(image_folder / 'train'))
+    runs = []
+    for num_workers in (0, 2):
+        dataset = pipeline.make_pipeline(source, _crops_config(), batch_size=4, seed=7,
+                                         num_workers=num_workers, max_bad_fraction=0.5)
+        iterator = iter(dataset)
+        runs.append([next(iterator) for _ in range(5)])  # over an epoch boundary
+        iterator.close()
+    for zero, two in zip(*runs):
+        assert zero.keys() == two.keys()
+        for key in zero:
+            np.testing.assert_array_equal(zero[key], two[key])
+    other_seed = next(iter(pipeline.make_pipeline(source, _crops_config(), batch_size=4,
+                                                  seed=8, max_bad_fraction=0.5)))
+    assert not np.array_equal(other_seed['global'], runs[0][0]['global'])
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_restored_iterator_state_reproduces_the_next_batch(num_workers):
+    source = sources.SyntheticSource(20, 24, 30)
+    def make():
+        return iter(pipeline.make_pipeline(source, _crops_config(), batch_size=6, seed=3,
+                                           num_workers=num_workers))
+    iterator = make()
+    for _ in range(4):  # into the second epoch
+        next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(2)]
+    iterator.close()
+    restored = make()
+    restored.set_state(state)
+    for want in expected:
+        got = next(restored)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    restored.close()
+
+
+def test_two_processes_read_disjoint_shards_covering_the_epoch():
+    source = sources.SyntheticSource(24, 20, 20)
+    shards = []
+    for process_index in range(2):
+        dataset = pipeline.make_pipeline(source, _crops_config(), batch_size=4, seed=0,
+                                         shard_index=process_index, shard_count=2,
+                                         num_epochs=2)
+        batches = _all_batches(dataset)
+        assert len(batches) == 6  # 12 per shard per epoch, two epochs
+        first, second = (np.concatenate([b['index'] for b in batches[e * 3:(e + 1) * 3]])
+                         for e in range(2))
+        assert sorted(first) == sorted(second) and not np.array_equal(first, second)
+        shards.append(set(first.tolist()))
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == set(range(24))
+
+
+def test_tfds_array_record_source(tmp_path):
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(0)
+    images = [_photo(rng, 30 + i, 36) for i in range(10)]
+    features = tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+        'label': tfds.features.ClassLabel(num_classes=3)})
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name='tiny_photos', version='1.0.0', features=features, data_dir=str(tmp_path),
+        split_datasets={'train': [(i, {'image': image, 'label': i % 3})
+                                  for i, image in enumerate(images)]},
+        file_format='array_record', disable_shuffling=True)  # records in key order
+    assert list(tmp_path.glob('tiny_photos/1.0.0/*.array_record*'))
+
+    data = ml_collections.ConfigDict(dict(source='tfds', name='tiny_photos',
+                                          data_dir=str(tmp_path), split='train'))
+    source = sources.make_source(data)
+    assert len(source) == 10
+    for index in (0, 9):
+        record = source[index]
+        assert isinstance(record['image'], bytes)  # decoded by PIL in the crop step
+        np.testing.assert_array_equal(np.asarray(crops_lib.decode(record['image'])),
+                                      images[index])
+        assert record['label'] == index % 3
+    batches = _all_batches(pipeline.make_pipeline(source, _crops_config(), batch_size=5,
+                                                  seed=0, num_epochs=1))
+    indices = np.concatenate([batch['index'] for batch in batches])
+    assert sorted(indices.tolist()) == list(range(10))
+    np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), indices % 3)
+
+    with pytest.raises(sources.DataError, match="Unknown TFDS data set 'no_such_dataset'"):
+        sources.TfdsSource('no_such_dataset', 'train', str(tmp_path))
+    with pytest.raises(sources.DataError, match="'mnist' is not prepared"):
+        sources.TfdsSource('mnist', 'train', str(tmp_path))
+    with pytest.raises(sources.DataError, match='Unknown split'):
+        sources.TfdsSource('tiny_photos', 'validation', str(tmp_path))
+
+
+def test_embedded_mnist_split_is_fixed_and_stratified():
+    train_images, train_labels = sources.mnist_split('train')
+    test_images, test_labels = sources.mnist_split('test')
+    assert train_images.shape == (4000, 28, 28) and train_images.dtype == np.uint8
+    assert test_images.shape == (1000, 28, 28)
+    np.testing.assert_array_equal(np.bincount(train_labels), [400] * 10)
+    np.testing.assert_array_equal(np.bincount(test_labels), [100] * 10)
+    train_rows = {image.tobytes() for image in train_images}
+    assert not train_rows & {image.tobytes() for image in test_images}
+    again, _ = sources.mnist_split('train')
+    np.testing.assert_array_equal(again, train_images)
+
+    data = ml_collections.ConfigDict(dict(source='mnist', split='test'))
+    batch = next(iter(pipeline.make_pipeline(sources.make_source(data), _crops_config(),
+                                             batch_size=8, seed=0)))
+    assert batch['global'].shape == (2, 8, 32, 32, 3)
+    # Grey digits on black: equal channels, and both ink and background present.
+    assert np.array_equal(batch['global'][..., 0], batch['global'][..., 2])
+    assert batch['global'].max() > 200 and batch['global'].min() == 0
+
+
+def test_clear_errors_before_compilation(image_folder, tmp_path):
+    with pytest.raises(sources.DataError, match='does not exist'):
+        sources.ImageFolderSource(str(tmp_path / 'missing'))
+    with pytest.raises(sources.DataError, match='holds no images'):
+        sources.ImageFolderSource(str(image_folder / 'empty'))
+    with pytest.raises(sources.DataError, match='Unknown data source'):
+        sources.make_source(ml_collections.ConfigDict(dict(source='webdataset', split='x')))
+    source = sources.ImageFolderSource(str(image_folder / 'train'))
+    with pytest.raises(sources.DataError, match='12 images, fewer than one global batch of 16'):
+        pipeline.make_pipeline(source, _crops_config(), batch_size=8, seed=0, shard_count=2)
+
+    config = vit_small_imagenet.get_config()
+    config.batch_size = 16
+    config.data.update(dict(source='folder', data_dir=str(image_folder)))
+    with pytest.raises(sources.DataError, match='fewer than one global batch of 16'):
+        pipeline.make_train_pipeline(config, process_index=1, process_count=2)

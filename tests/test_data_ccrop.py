@@ -1,0 +1,81 @@
+"""ContrastiveCrop boxes from attention maps, and the official schedule."""
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bam_jax.data import ccrop, crops as crops_lib, pipeline, sources
+from bam_jax.models import VisionTransformer
+from configs import vit_small_imagenet
+
+flags.FLAGS.mark_as_parsed()
+
+
+def _torch_bilinear(grid, size):
+    """Reference upsampling, torch's `interpolate(bilinear, align_corners=False)`."""
+    def weights(n_in):
+        source = np.clip((np.arange(size) + 0.5) * n_in / size - 0.5, 0, None)
+        low = np.minimum(np.floor(source).astype(int), n_in - 1)
+        high = np.minimum(low + 1, n_in - 1)
+        matrix = np.zeros((size, n_in))
+        matrix[np.arange(size), low] += 1 - (source - low)
+        matrix[np.arange(size), high] += source - low
+        return matrix
+    rows, columns = weights(grid.shape[0]), weights(grid.shape[1])
+    return rows @ grid @ columns.T
+
+
+def test_box_is_where_the_cls_attention_is():
+    rng = np.random.default_rng(0)
+    attention = rng.uniform(0, 0.02, (2, 3, 1 + 49, 1 + 49))  # 7×7 patches, 3 heads
+    hot = np.zeros((7, 7))
+    hot[1:3, 4:6] = 1.0
+    attention[0, :, 0, 1:] += hot.ravel()
+    attention[1, :, 0, 1:] += np.roll(hot, (3, -3), axis=(0, 1)).ravel()
+    boxes = np.asarray(ccrop.boxes_from_attention(jnp.asarray(attention, jnp.float32),
+                                                  image_size=70, threshold=0.1))
+    for image in range(2):
+        maps = attention[image, :, 0, 1:].sum(0).reshape(7, 7)
+        maps = maps - maps.min()
+        maps = _torch_bilinear(maps / (maps.max() + 1e-5), 70)
+        rows = np.flatnonzero(maps.max(1) > 0.1)
+        columns = np.flatnonzero(maps.max(0) > 0.1)
+        expected = np.array([rows[0], columns[0], rows[-1], columns[-1]]) / 70
+        np.testing.assert_allclose(boxes[image], expected, atol=1e-6)
+    # The hot patches are rows 1-2, columns 4-5 of 7: pixels 10-29 and 40-59 of 70,
+    # widened by the bilinear upsampling.
+    assert 0.08 < boxes[0, 0] < 0.15 and 0.55 < boxes[0, 3] < 0.95
+    assert boxes[1, 0] > boxes[0, 2] - 0.05  # moved down by three patches
+
+
+def test_model_boxes_from_a_vit_and_crops_inside_them():
+    model = VisionTransformer(patch_size=4, img_size=16, embed_dim=16, depth=2, num_heads=2)
+    images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+    variables = model.init(jax.random.key(1), images)
+    boxes = np.asarray(jax.jit(lambda v, x: ccrop.model_boxes(model, v, x))(variables, images))
+    assert boxes.shape == (3, 4)
+    assert np.all((0 <= boxes) & (boxes <= 1))
+    assert np.all(boxes[:, 0] <= boxes[:, 2]) and np.all(boxes[:, 1] <= boxes[:, 3])
+
+    config = vit_small_imagenet.get_config().crops
+    config.update(dict(global_size=16, local_size=8, n_local=1))
+    source = sources.SyntheticSource(4, 40, 40)
+    boxes = ccrop.initial_boxes(4)
+    boxes[:] = [0.0, 0.0, 0.3, 0.3]  # the top-left corner only
+    batch = next(iter(pipeline.make_pipeline(source, config, batch_size=4, seed=0,
+                                             boxes=boxes)))
+    # Exactly what the crop function makes for those boxes, and not the unboxed crops.
+    plain = next(iter(pipeline.make_pipeline(source, config, batch_size=4, seed=0)))
+    assert not np.array_equal(batch['global'], plain['global'])
+    rng = np.random.default_rng(0)
+    centres = np.array([crops_lib.sample_crop_box(rng, 40, 40, (0.05, 0.25), box=boxes[0])
+                        for _ in range(200)])
+    assert np.all(centres[:, 0] + centres[:, 2] // 2 <= 0.3 * 40 + 1)
+
+
+def test_official_schedule():
+    # Scripts: warm-up 40, interval 40, 400 epochs: updates after 40, 80, ..., 360.
+    updates = [epoch for epoch in range(400) if ccrop.update_boxes_after(epoch, 400, 40, 40)]
+    assert updates == list(range(40, 400, 40))
+    assert not ccrop.use_boxes_in(40, 40, 40) and ccrop.use_boxes_in(41, 40, 40)
