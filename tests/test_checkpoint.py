@@ -77,7 +77,6 @@ def test_missing_checkpoints_are_named(tmp_path, trained_on_eight_devices):
     with pytest.raises(checkpoint_lib.CheckpointError,
                        match=r'no checkpoint for step 5 .*available steps: \[3\]'):
         checkpointer.restore(abstract, step=5)
-    wrong = jax.tree.map(lambda x: x, abstract)
-    wrong = wrong.replace(params={'other': abstract.params['projector']})
+    wrong = abstract.replace(params={'other': abstract.params['projector']})
     with pytest.raises(checkpoint_lib.CheckpointError, match='cannot restore step 3'):
         checkpointer.restore(wrong)
