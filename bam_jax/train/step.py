@@ -85,9 +85,10 @@ def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_step = state.step + 1
+        # The EMA ending step t uses m[t+1] (see the module docstring); log that one.
+        hyper['teacher_momentum'] = schedules.teacher_momentum(new_step)
         teacher_params = None
         if has_teacher:
-            hyper['teacher_momentum'] = schedules.teacher_momentum(new_step)
             teacher_params = ema(state.teacher_params, params,
                                  hyper['teacher_momentum'])
         new_state = state.replace(
