@@ -63,11 +63,15 @@ def _device_index(axis_name):
 # ---------------------------------------------------------------------------
 # The pieces of the objective, each on one device's rows.
 # ---------------------------------------------------------------------------
+def inverse_norm(x, eps: float = 1e-12):
+    """`1 / max(‖x‖, eps)` over the last axis, float32, keepdims: `F.normalize`'s divisor."""
+    x = x.astype(jnp.float32)
+    return 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)), eps)
+
+
 def l2_normalize(x, eps: float = 1e-12):
     """`F.normalize`: x / max(‖x‖, eps), in float32 whatever the input dtype."""
-    x = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    return x.astype(jnp.float32) * inverse_norm(x, eps)
 
 
 def positive_mask(n_local_images: int, n_target_crops: int, n_global_images: int,
@@ -149,12 +153,12 @@ def _bam_per_device(student, teacher, sinkhorn_reg, temperature, *, axis_name,
                     positive_masking, precision):
     """The objective on one device's images: student `[n_crops, b, D]`."""
     n_crops, n_local_images, _ = student.shape
-    z_student = l2_normalize(student)
-    z_teacher = z_student if teacher is None else l2_normalize(lax.stop_gradient(teacher))
+    student = student.astype(jnp.float32)
+    target_side = student if teacher is None else lax.stop_gradient(teacher)
 
     # Columns: the target crops of all images on all devices, crop-major. Without a
     # teacher they are the student's own and the gradient flows through the gather.
-    columns = _all_gather_images(z_teacher[:n_target_crops], axis_name)
+    columns = _all_gather_images(l2_normalize(target_side[:n_target_crops]), axis_name)
     n_global_images = columns.shape[1]
     columns = columns.reshape(n_target_crops * n_global_images, -1)
     if positive_masking:
@@ -163,12 +167,15 @@ def _bam_per_device(student, teacher, sinkhorn_reg, temperature, *, axis_name,
     else:
         mask = jnp.zeros((n_local_images, columns.shape[0]), bool)
 
-    similarity = jnp.einsum('vbd,kd->vbk', z_student, columns, precision=precision)
-    if teacher is None:
-        target_similarity = similarity
-    else:
-        target_similarity = jnp.einsum('vbd,kd->vbk', z_teacher, columns,
-                                       precision=precision)
+    # Cosine similarities of the rows to the columns. A row's norm scales its whole row
+    # of the product, so the raw rows go into the matmul and the product is scaled:
+    # the normalised `[n_crops, b, D]` rows are never written out, forward or backward.
+    def similarity_of(rows):
+        return (jnp.einsum('vbd,kd->vbk', rows, columns, precision=precision)
+                * inverse_norm(rows))
+
+    similarity = similarity_of(student)
+    target_similarity = similarity if teacher is None else similarity_of(target_side)
 
     # Targets: Sinkhorn over the rows of all crops, then only global-crop rows.
     targets = sinkhorn(target_similarity, mask, sinkhorn_reg, sinkhorn_iters,
@@ -193,7 +200,7 @@ def _bam_per_device(student, teacher, sinkhorn_reg, temperature, *, axis_name,
     # the official objective (mean of per-rank losses) does not depend on the split.
     loss, metrics = _pmean((loss, metrics), axis_name)
     metrics['embedding_std'] = _embedding_std(
-        lax.stop_gradient(z_student), n_crops * n_global_images, axis_name)
+        l2_normalize(lax.stop_gradient(student)), n_crops * n_global_images, axis_name)
     return loss, metrics, targets
 
 
