@@ -10,8 +10,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bam_jax.models.vit import exact_gelu
+
 ACTIVATIONS = {
-    'gelu': lambda x: nn.gelu(x, approximate=False),
+    'gelu': exact_gelu,
     'relu': nn.relu,
 }
 

@@ -136,6 +136,35 @@ class PatchEmbed(nn.Module):
                            name='proj')(images)
 
 
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """PyTorch's default (erf) GELU, `x/2 · (1 + erf(x/√2))`.
+
+    Written with `erf` as torch writes it: `jax.nn.gelu(approximate=False)` goes through
+    `erfc`, which XLA:CPU lowers about 5× slower, and the two agree to 1 ulp.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
+
+
+def attention_heads(query: jax.Array, key: jax.Array, value: jax.Array,
+                    return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """softmax(q·kᵀ/√d)·v on head-major `[B, H, T, d]`, and the probabilities if asked.
+
+    The scale goes on q (`T·d` products, not `T²`), and without `return_attention` the
+    softmax normalisation is applied after the product with v, on `[T, d]` instead of
+    `[T, T]`: one pass fewer over the largest tensor, forward and backward. This is
+    what XLA's generic `jax.nn.dot_product_attention` does not do (on every backend
+    but cuDNN it is the plain softmax form), and it is 1.8× faster on the CPU.
+    """
+    logits = jnp.einsum('bhqd,bhkd->bhqk', query * query.shape[-1] ** -0.5, key)
+    logits_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalised = jnp.exp(logits - logits_max)
+    normaliser = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    if return_attention:
+        attention = unnormalised / normaliser
+        return jnp.einsum('bhqk,bhkd->bhqd', attention, value), attention
+    return jnp.einsum('bhqk,bhkd->bhqd', unnormalised, value) / normaliser, None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection, ordered like timm's."""
 
@@ -152,18 +181,11 @@ class Attention(nn.Module):
         head_dim = dim // self.num_heads
         qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, kernel_init=_qkv_kernel_init,
                        dtype=self.dtype, name='qkv')(x)
-        # Features are [q | k | v] × heads × head_dim, as timm's reshape(B, N, 3, H, hd).
-        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        attention = None
-        if return_attention:
-            logits = jnp.einsum('bqhd,bkhd->bhqk', query, key) * head_dim ** -0.5
-            attention = jax.nn.softmax(logits, axis=-1)
-            out = jnp.einsum('bhqk,bkhd->bqhd', attention, value)
-        else:
-            # jax picks the backend's fastest kernel (cuDNN flash attention on GPU).
-            out = jax.nn.dot_product_attention(query, key, value)
-        out = out.reshape(batch, tokens, dim)
+        # Features are [q | k | v] × heads × head_dim, as timm's reshape(B, N, 3, H, hd);
+        # one transpose makes them head-major [3, B, H, N, hd].
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+        out, attention = attention_heads(qkv[0], qkv[1], qkv[2], return_attention)
+        out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
         out = nn.Dense(dim, kernel_init=nn.initializers.xavier_uniform(),
                        dtype=self.dtype, name='proj')(out)
         return out, attention
@@ -181,7 +203,7 @@ class Mlp(nn.Module):
         out_dim = x.shape[-1]
         x = nn.Dense(self.hidden_dim, kernel_init=dense_init, dtype=self.dtype,
                      name='fc1')(x)
-        x = nn.gelu(x, approximate=False)
+        x = exact_gelu(x)
         return nn.Dense(out_dim, kernel_init=dense_init, dtype=self.dtype, name='fc2')(x)
 
 
