@@ -289,3 +289,20 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
         assert {str(leaf.dtype) for leaf in jax.tree.leaves(state.params)} == {'float32'}
         losses[dtype] = float(metrics['loss'])
     assert losses['bfloat16'] == pytest.approx(losses['float32'], rel=2e-2)
+
+
+def test_abstract_training_compiles_ahead_of_time_for_the_real_state():
+    """`abstract=True` allocates nothing, yet its step compiles for the real state."""
+    config = tiny_config()
+    mesh = data_mesh(4)
+    abstract = train_lib.build_training(config, mesh, steps_per_epoch=5, abstract=True)
+    real = train_lib.build_training(config, mesh, steps_per_epoch=5)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct)
+               for leaf in jax.tree.leaves(abstract.state))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), abstract.state) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), real.state)
+    batch = place(random_batch(config, 0), mesh)
+    compiled = abstract.train_step.lower(abstract.state, batch).compile()
+    state, metrics = compiled(real.state, batch)
+    assert np.isfinite(float(metrics['loss']))
+    assert int(state.step) == 1

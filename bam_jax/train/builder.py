@@ -41,8 +41,11 @@ class Training:
 
 
 def build_training(config, mesh: jax.sharding.Mesh, steps_per_epoch: int,
-                   rng: jax.Array | None = None) -> Training:
-    """Everything a run needs; the state is placed replicated on `mesh`."""
+                   rng: jax.Array | None = None, *, abstract: bool = False) -> Training:
+    """Everything a run needs; the state is placed replicated on `mesh`.
+
+    With `abstract`, the state is shapes and shardings only (see `create_train_state`).
+    """
     network = build_network(config)
     schedules = make_schedules(config, steps_per_epoch)
     optimizer = config.optimizer
@@ -53,7 +56,7 @@ def build_training(config, mesh: jax.sharding.Mesh, steps_per_epoch: int,
         lars_eta=optimizer.lars_eta)
     rng = jax.random.PRNGKey(config.seed) if rng is None else rng
     state = create_train_state(network, tx, rng, crop_shapes(config, 2),
-                               teacher=config.teacher, mesh=mesh)
+                               teacher=config.teacher, mesh=mesh, abstract=abstract)
     train_step = make_train_step(network, tx, schedules, loss_kwargs_from_config(config),
                                  mesh=mesh)
     return Training(network, tx, schedules, state, train_step)

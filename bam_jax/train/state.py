@@ -32,12 +32,15 @@ class TrainState:
 
 def create_train_state(network: nn.Module, tx: optax.GradientTransformation, rng,
                        crop_shapes: Sequence[Sequence[int]], *, teacher: bool,
-                       mesh: jax.sharding.Mesh | None = None) -> TrainState:
+                       mesh: jax.sharding.Mesh | None = None,
+                       abstract: bool = False) -> TrainState:
     """Initialises the student and copies it into the teacher (official init).
 
     `crop_shapes` gives one `[n_views, B, H, W, C]` shape per crop resolution. With a
     mesh, the state is created directly on it, replicated, with explicit shardings: a
-    jitted step then compiles once instead of again after its first call.
+    jitted step then compiles once instead of again after its first call. With
+    `abstract`, nothing is computed or allocated: the leaves are `jax.ShapeDtypeStruct`s
+    (with their shardings), enough to compile the step ahead of time for a mesh.
     """
     init_rng, state_rng = jax.random.split(rng)
 
@@ -54,8 +57,10 @@ def create_train_state(network: nn.Module, tx: optax.GradientTransformation, rng
             opt_state=tx.init(params), rng=state_rng)
 
     if mesh is None:
-        return jax.jit(init)()
-    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
+        init = jax.jit(init)
+    else:
+        init = jax.jit(init, out_shardings=NamedSharding(mesh, P()))
+    return jax.eval_shape(init) if abstract else init()
 
 
 def count_params(params) -> int:
