@@ -1,0 +1,57 @@
+"""This machine's fp32 matmul peak, measured in the caller's own process.
+
+Every benchmark reports its throughput as a fraction of this peak, measured in the same
+run: on a shared machine only ratios taken close together in time mean anything.
+The peak is the faster of NumPy's and JAX's 4096³ fp32 matmul, timed alternately
+(one NumPy product, one JAX product, and so on), best of `repeats` each.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+SIZE = 4096
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Best wall time of `repeats` calls: the run least disturbed by other processes."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_flops(size: int = SIZE) -> float:
+    return 2.0 * size ** 3
+
+
+def matmul_runners(size: int = SIZE) -> dict[str, Callable[[], object]]:
+    """One fp32 `size`³ product per call, for NumPy and for jitted JAX (compiled here)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    product = jax.jit(jnp.matmul)
+    a_device, b_device = jax.device_put(a), jax.device_put(b)
+    product(a_device, b_device).block_until_ready()
+    return {'numpy': lambda: a @ b,
+            'jax': lambda: product(a_device, b_device).block_until_ready()}
+
+
+def measure_peak(repeats: int = 5, size: int = SIZE) -> dict[str, float]:
+    """GFLOP/s of NumPy and JAX, alternated, and the peak (the faster of the two)."""
+    runners = matmul_runners(size)
+    best = {name: float('inf') for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            best[name] = min(best[name], best_seconds(run, 1))
+    gflops = {f'{name}_gflops': matmul_flops(size) / seconds / 1e9
+              for name, seconds in best.items()}
+    source = max(runners, key=lambda name: gflops[f'{name}_gflops'])
+    return {**gflops, 'peak_gflops': gflops[f'{source}_gflops'], 'peak_source': source}

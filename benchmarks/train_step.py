@@ -1,0 +1,211 @@
+r"""The full BAM train step on one CPU device: images/s, FLOPs per image, MFU, and a profile.
+
+  python benchmarks/train_step.py [--configs vit_small mnist] [--steps 3] [--profile]
+
+The step is the one `bam_jax.train.builder.build_training` builds for a run: student
+and teacher forward on every crop, the BAM loss, backward, clipped AdamW and the EMA,
+with the state donated. `vit_small` is the paper's ViT-S/16 run (2×224 + 6×96 crops,
+fp32) at 8 images; `mnist` is a ViT on 32 px global and 16 px local crops (from
+`configs/mnist.py` when it exists, else the stand-in below). At 8 images there are only
+16 target columns, so top-k (128 in the paper config) is off for `vit_small`.
+
+FLOPs per image are the step's matmuls counted analytically (student forward and
+backward = 3 forwards, teacher 1 forward, the frozen patch projection gets no backward),
+and also as XLA's cost analysis of the compiled step counts them (every op). MFU is the
+analytic count per second over the fp32 matmul peak measured in the same run. With
+`--profile`, one more step is traced and its op time is summed by category. Prints the
+tables and one JSON line.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import _peak  # noqa: E402
+import _profile  # noqa: E402
+from bam_jax.train import builder  # noqa: E402
+from configs import vit_small_imagenet  # noqa: E402
+
+# The official PyTorch step, ViT-S/16, 8 images, fp32, on this machine (issue 6).
+PYTORCH_VIT_SMALL_IMAGES_PER_SECOND = 8 / 7.1
+
+
+def vit_small_config(n_images: int):
+    config = vit_small_imagenet.get_config()
+    config.batch_size = n_images
+    config.loss.top_k = 0
+    return config
+
+
+def mnist_config(n_images: int):
+    """`configs/mnist.py` if present; else a ViT-Tiny on 32/16 px crops standing in."""
+    try:
+        from configs import mnist
+        config = mnist.get_config()
+    except ImportError:
+        config = vit_small_imagenet.get_config()
+        config.model.update(variant='tiny', patch_size=4, img_size=32)
+        config.projector.update(hidden_dim=1024, out_dim=1024)
+        config.crops.update(global_size=32, local_size=16)
+        config.loss.top_k = 0
+    config.batch_size = n_images
+    return config
+
+
+CONFIGS = {'vit_small': (vit_small_config, 8), 'mnist': (mnist_config, 64)}
+
+
+def vit_forward_flops(backbone, image_size: int) -> float:
+    """Matmul FLOPs of one ViT forward on one image (patch conv counted separately)."""
+    dim, depth = backbone.embed_dim, backbone.depth
+    tokens = 1 + (image_size // backbone.patch_size) ** 2
+    hidden = int(dim * backbone.mlp_ratio)
+    dense = 2 * tokens * (3 * dim * dim + dim * dim + 2 * dim * hidden)
+    attention = 2 * 2 * tokens * tokens * dim
+    return depth * (dense + attention)
+
+
+def patch_embed_flops(backbone, image_size: int) -> float:
+    patches = (image_size // backbone.patch_size) ** 2
+    return 2 * patches * 3 * backbone.patch_size ** 2 * backbone.embed_dim
+
+
+def projector_flops(projector, in_dim: int) -> float:
+    widths = [in_dim] + [projector.hidden_dim] * (projector.n_layers - 1) + [projector.out_dim]
+    return sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def step_flops_per_image(network, config) -> float:
+    """Analytic matmul FLOPs of one train step, per image."""
+    crops, backbone = config.crops, network.backbone
+    forward = projector_flops(network.projector, backbone.embed_dim) * (
+        crops.n_global + crops.n_local)
+    frozen = 0.0
+    for n_views, size in ((crops.n_global, crops.global_size),
+                          (crops.n_local, crops.local_size)):
+        forward += n_views * vit_forward_flops(backbone, size)
+        frozen += n_views * patch_embed_flops(backbone, size)
+    n_crops = crops.n_global + crops.n_local
+    columns = crops.n_global * config.batch_size
+    loss = 3 * 2 * n_crops * columns * network.projector.out_dim
+    # Student: forward + backward (2 forwards); teacher: forward. The frozen patch
+    # projection runs forward twice and has no backward (its input needs no gradient).
+    return 4 * forward + 2 * frozen + loss
+
+
+def synthetic_batch(config, mesh):
+    """Random crops in the step's input format, sharded on the image axis."""
+    shapes = builder.crop_shapes(config, config.batch_size)
+    keys = jax.random.split(jax.random.key(0), len(shapes))
+    sharding = NamedSharding(mesh, P(None, 'data'))
+    return {group: jax.device_put(jax.random.normal(key, shape), sharding)
+            for group, key, shape in zip(('global', 'local'), keys, shapes)}
+
+
+def categorize(op_name: str, is_matmul: bool) -> str:
+    """The part of the step an HLO op belongs to, from its `op_name` metadata."""
+    in_network = 'MultiCropNetwork' in op_name
+    if is_matmul:
+        if '/attn/bh' in op_name:
+            return 'matmul: attention (q·k, p·v)'
+        if 'patch_embed' in op_name:
+            return 'matmul: patch projection (conv)'
+        return 'matmul: dense layers' if in_network else 'matmul: loss'
+    if in_network:
+        for marker, category in (('/attn/', 'attention softmax, head transposes'),
+                                 ('/mlp/', 'GELU, biases'), ('/projector/', 'GELU, biases'),
+                                 ('/norm', 'LayerNorm'), ('_embed', 'patch/position embedding')):
+            if marker in op_name:
+                return category
+        return 'residual adds, crop reshapes'
+    if '/jvp()/' in op_name or 'transpose(jvp())' in op_name:
+        return 'BAM loss (non-matmul)'
+    return 'AdamW, EMA, schedules, metrics'
+
+
+def measure(name: str, n_steps: int, profile: bool) -> dict:
+    make_config, n_images = CONFIGS[name]
+    config = make_config(n_images)
+    mesh = jax.make_mesh((1,), ('data',), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:1])
+    training = builder.build_training(config, mesh, steps_per_epoch=1000)
+    batch = synthetic_batch(config, mesh)
+    start = time.perf_counter()
+    compiled = training.train_step.lower(training.state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    state = [training.state]
+
+    def step():
+        state[0], metrics = compiled(state[0], batch)
+        return metrics
+
+    jax.block_until_ready(step())
+    peak = _peak.measure_peak(repeats=3)
+    seconds = []
+    for _ in range(n_steps):
+        seconds.append(_peak.best_seconds(lambda: jax.block_until_ready(step()), 1))
+    peak_after = _peak.measure_peak(repeats=3)
+    peak_gflops = max(peak['peak_gflops'], peak_after['peak_gflops'])
+    flops = step_flops_per_image(training.network, config)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    best = min(seconds)
+    result = dict(
+        config=name, images=config.batch_size, compile_seconds=compile_seconds,
+        step_seconds_best=best, step_seconds_median=statistics.median(seconds),
+        images_per_second=config.batch_size / best,
+        gflop_per_image=flops / 1e9,
+        hlo_gflop_per_image=cost.get('flops', float('nan')) / config.batch_size / 1e9,
+        gflops=flops * config.batch_size / best / 1e9, peak_gflops=peak_gflops,
+        mfu=flops * config.batch_size / best / 1e9 / peak_gflops,
+        temp_gib=compiled.memory_analysis().temp_size_in_bytes / 2 ** 30)
+    if name == 'vit_small':
+        result['vs_pytorch'] = result['images_per_second'] / PYTORCH_VIT_SMALL_IMAGES_PER_SECOND
+    if profile:
+        result['profile'] = _profile.summarize(compiled, step, categorize)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--configs', nargs='+', choices=sorted(CONFIGS),
+                        default=['vit_small', 'mnist'])
+    parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument('--profile', action='store_true')
+    args = parser.parse_args()
+    results = [measure(name, args.steps, args.profile) for name in args.configs]
+
+    print(f"{'config':<10} {'images':>6} {'step s':>7} {'median':>7} {'images/s':>9} "
+          f"{'GFLOP/img':>9} {'XLA GFLOP/img':>13} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} "
+          f"{'temp GiB':>8}")
+    for r in results:
+        print(f"{r['config']:<10} {r['images']:>6} {r['step_seconds_best']:7.2f} "
+              f"{r['step_seconds_median']:7.2f} {r['images_per_second']:9.2f} "
+              f"{r['gflop_per_image']:9.1f} {r['hlo_gflop_per_image']:13.1f} "
+              f"{r['gflops']:8.1f} {r['peak_gflops']:6.0f} {r['mfu']:6.1%} "
+              f"{r['temp_gib']:8.2f}")
+        if 'vs_pytorch' in r:
+            print(f"  vs the official PyTorch step (7.1 s for 8 images): "
+                  f"{r['vs_pytorch']:.2f}x the images/s")
+    for r in results:
+        if 'profile' in r:
+            total = sum(seconds for _, seconds in r['profile'])
+            print(f"\nprofile of one {r['config']} step: op time by part "
+                  f"(summed over threads: {total:.2f} s)")
+            for category, seconds in r['profile']:
+                print(f"  {category:<38} {seconds:7.2f} s {seconds / total:6.1%}")
+    print(json.dumps({'benchmark': 'train_step', 'results': results}))
+
+
+if __name__ == '__main__':
+    main()
