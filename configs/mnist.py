@@ -32,7 +32,7 @@ def get_config():
     config.optimizer.update(lr=2e-3, min_lr=1e-5, warmup_epochs=2)
 
     config.knn.update(every_epochs=5, train_fraction=1.0, val_split='test', resize_size=32,
-                      image_size=32, batch_size=500)
+                      image_size=32, batch_size=512)
     config.log_every_steps = 10
     config.checkpoint_every_steps = 200
     config.profile_steps = 0

@@ -57,7 +57,8 @@ def resize_center_crop(image: Image.Image, resize_size: int, image_size: int) ->
     return np.asarray(image.crop((left, top, left + image_size, top + image_size)))
 
 
-def load_example(index: int, source, resize_size: int, image_size: int) -> dict[str, Any]:
+def load_example(index: int, source, resize_size: int, image_size: int,
+                 squash: bool = False) -> dict[str, Any]:
     """One batch row: the source's example `index`, or a padding row when `index` < 0."""
     example = dict(image=np.zeros((image_size, image_size, 3), np.uint8),
                    label=np.int32(-1), index=np.int32(index), valid=np.bool_(False))
@@ -70,7 +71,10 @@ def load_example(index: int, source, resize_size: int, image_size: int) -> dict[
     except crops_lib.DECODE_ERRORS:
         logging.warning('Unreadable image %s is left out of the evaluation.', record['path'])
         return example
-    example['image'] = resize_center_crop(image, resize_size, image_size)
+    if squash:  # the whole image, aspect ratio lost: torchvision's Resize((S, S)), bilinear
+        example['image'] = np.asarray(image.resize((image_size, image_size), Image.BILINEAR))
+    else:
+        example['image'] = resize_center_crop(image, resize_size, image_size)
     example['valid'] = np.bool_(True)
     return example
 
@@ -105,7 +109,7 @@ class EvalInput:
 def make_eval_input(source, *, image_size: int, batch_size: int,
                     resize_size: int | None = None, indices: np.ndarray | None = None,
                     process_index: int = 0, process_count: int = 1,
-                    num_workers: int = 0) -> EvalInput:
+                    num_workers: int = 0, squash: bool = False) -> EvalInput:
     """Batches (per process, `batch_size` rows) of `source[indices]`, in that order.
 
     Args:
@@ -117,6 +121,8 @@ def make_eval_input(source, *, image_size: int, batch_size: int,
         process must pass the same ones.
       process_index, process_count: which contiguous block this process reads.
       num_workers: grain worker processes for decoding (0: in this process).
+      squash: resize the whole image to `image_size` square instead (ContrastiveCrop's
+        boxes are fractions of the whole image); `resize_size` is then unused.
     """
     resize_size = default_resize_size(image_size) if resize_size is None else resize_size
     if resize_size < image_size:
@@ -132,7 +138,8 @@ def make_eval_input(source, *, image_size: int, batch_size: int,
                                 f'[{indices.min()}, {indices.max()}].')
     slots = process_indices(indices, batch_size, process_index, process_count)
     dataset = grain.MapDataset.source(slots).map(functools.partial(
-        load_example, source=source, resize_size=resize_size, image_size=image_size))
+        load_example, source=source, resize_size=resize_size, image_size=image_size,
+        squash=squash))
     dataset = dataset.batch(batch_size).to_iter_dataset()
     if num_workers:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

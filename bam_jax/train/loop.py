@@ -89,9 +89,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """
     workdir = pathlib.Path(workdir)
     main_process = jax.process_index() == 0
-    if main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
     # ------------------------------------------------------------------------------
     # Data: sources and durations (epochs → steps, once). Errors here come before
@@ -108,6 +105,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     total_steps = config.epochs * steps_per_epoch
     logging.info('%d images, %d steps per epoch, %d steps.', len(train_source),
                  steps_per_epoch, total_steps)
+    if main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
     # ------------------------------------------------------------------------------
     # Model, optimizer and state; resume from the latest checkpoint if there is one.
