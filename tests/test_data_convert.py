@@ -232,7 +232,7 @@ def test_errors_are_one_line_and_leave_nothing_behind(tfrecord_dir, converted_di
     out_dir.mkdir()
     error = fails('--name', NAME, '--data_dir', damaged, '--out_dir', str(out_dir),
                   '--workers', '1')
-    assert error.startswith(f'error: Cannot read TFRecord shard {shard}: ')
+    assert error.startswith(f'error: Cannot read TFRecord shard {shard}: truncated record')
     assert os.listdir(out_dir / NAME) == []  # the staging directory is gone
     os.remove(shard)
     assert fails('--name', NAME, '--data_dir', damaged, '--out_dir', str(out_dir)) == (

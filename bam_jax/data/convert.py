@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import sys
 import tempfile
 import time
@@ -127,6 +128,14 @@ def _converted_info(text: str, splits: list[str]) -> str:
     return json.dumps(info, indent=2, sort_keys=True) + '\n'
 
 
+def read_tfrecord(path: str):
+    """Yields one TFRecord file's serialized records in order, in NumPy batches of bytes."""
+    import tensorflow as tf
+
+    records = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER)
+    yield from records.batch(_READ_BATCH).as_numpy_iterator()
+
+
 def copy_shard(shard: Shard) -> int:
     """Copies one TFRecord shard's records into one ArrayRecord file; returns their bytes.
 
@@ -141,15 +150,14 @@ def copy_shard(shard: Shard) -> int:
                 else os.path.join(scratch, os.path.basename(shard.target)))
         writer = array_record_module.ArrayRecordWriter(path, ARRAY_RECORD_OPTIONS)
         try:
-            records = tf.data.TFRecordDataset(shard.source, buffer_size=_READ_BUFFER)
-            for batch in records.batch(_READ_BATCH).as_numpy_iterator():
+            for batch in read_tfrecord(shard.source):
                 for record in batch:
                     writer.write(record)
                 num_records += len(batch)
                 num_bytes += sum(map(len, batch))
         except tf.errors.OpError as error:
-            raise DataError(f'Cannot read TFRecord shard {shard.source}: '
-                            f'{error.message.splitlines()[0]}') from None
+            reason = re.sub(r'\{\{.*?\}\}|\[Op:.*', '', error.message).strip()
+            raise DataError(f'Cannot read TFRecord shard {shard.source}: {reason}') from None
         finally:
             writer.close()
         if num_records != shard.num_records:
@@ -160,7 +168,7 @@ def copy_shard(shard: Shard) -> int:
     return num_bytes
 
 
-def _copy_shards(shards: list[Shard], workers: int):
+def copy_shards(shards: list[Shard], workers: int):
     """Yields each shard's bytes as it is copied, in `workers` processes if more than one."""
     if workers <= 1:
         yield from map(copy_shard, shards)
@@ -219,7 +227,7 @@ def convert(name: str, data_dir: str, out_dir: str, splits: list[str] | None = N
     gfile.makedirs(staging)
     try:
         num_bytes = 0
-        for done, shard_bytes in enumerate(_copy_shards(chosen, workers), 1):
+        for done, shard_bytes in enumerate(copy_shards(chosen, workers), 1):
             num_bytes += shard_bytes
             if done == len(chosen) or done % max(1, len(chosen) // 20) == 0:
                 _log.info('%d/%d shards, %.0f MB, %.1f MB/s', done, len(chosen),
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                         '(local or gs://)')
     parser.add_argument('--out_dir', help='the TFDS data_dir the ArrayRecord copy goes to')
     parser.add_argument('--splits', help='comma-separated splits to convert (default: all)')
-    parser.add_argument('--workers', type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument('--workers', type=int, default=os.cpu_count(),
                         help='processes converting shards in parallel (default: all cores)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace an existing converted copy')
