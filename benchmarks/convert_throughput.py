@@ -14,8 +14,10 @@ and are what idle cores would give.
 """
 
 import argparse
+import concurrent.futures
 import io
 import json
+import multiprocessing
 import os
 import resource
 import sys
@@ -78,9 +80,10 @@ def _timed(function):
     return result, time.perf_counter() - wall, cpu() - cpu_start
 
 
-def one_core_breakdown(path: str, scratch: str, repeats: int = 3) -> dict[str, tuple]:
+def one_core_breakdown(path: str, scratch: str, repeats: int = 3):
     """(MB/s, MB per CPU-second) of reading one TFRecord shard and of writing its records
-    as ArrayRecord; the fastest of `repeats` runs, so that warm-up is left out."""
+    as ArrayRecord, the fastest of `repeats` runs so that warm-up is left out; and each
+    ArrayRecord file's size over the records' size."""
     from array_record.python import array_record_module
 
     def best(function):
@@ -91,33 +94,50 @@ def one_core_breakdown(path: str, scratch: str, repeats: int = 3) -> dict[str, t
     records = [record for batch in batches for record in batch]
     megabytes = sum(map(len, records)) / 1e6
     rates = {'one core: read TFRecord (tf.data)': (megabytes / wall, megabytes / cpu)}
+    sizes = {}
     for label, options in (('one core: write ArrayRecord, TFDS options',
                             convert_lib.ARRAY_RECORD_OPTIONS),
                            ('one core: write ArrayRecord, uncompressed (reference)',
                             'group_size:1,uncompressed')):
+        output = os.path.join(scratch, 'breakdown.array_record')
+
         def write():
-            writer = array_record_module.ArrayRecordWriter(
-                os.path.join(scratch, 'breakdown.array_record'), options)
+            writer = array_record_module.ArrayRecordWriter(output, options)
             for record in records:
                 writer.write(record)
             writer.close()
         _, wall, cpu = best(write)
         rates[label] = (megabytes / wall, megabytes / cpu)
-    return rates
+        sizes[options] = os.path.getsize(output) / 1e6 / megabytes
+    return rates, sizes
 
 
-def worker_start_up(workers: int, scratch: str) -> tuple[float, float]:
-    """(wall, CPU) seconds for `workers` spawned workers to start and copy one tiny shard each."""
-    import tensorflow as tf
+def _import_tensorflow():
+    """A worker's start-up, kept out of the timed copies."""
+    import tensorflow  # noqa: F401
+    from array_record.python import array_record_module  # noqa: F401
 
-    shards = []
-    for index in range(workers):
-        path = os.path.join(scratch, f'tiny-{index}.tfrecord')
-        with tf.io.TFRecordWriter(path) as writer:
-            writer.write(b'x')
-        shards.append(convert_lib.Shard(path, path + '.array_record', 1))
-    _, wall, cpu = _timed(lambda: list(convert_lib.copy_shards(shards, workers)))
-    return wall, cpu
+
+def _copy_timed(shard: convert_lib.Shard) -> tuple[int, float, float]:
+    """`copy_shard` in a worker: (bytes, wall seconds, this worker's CPU seconds)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    num_bytes = convert_lib.copy_shard(shard)
+    return num_bytes, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def parallel_copy(shards: list, workers: int) -> tuple[tuple[float, float], float]:
+    """Per-worker (MB/s, MB per CPU-s) timed inside `workers` spawned workers, as
+    `convert --workers` runs them, and the pool's wall seconds beyond the copying (the
+    workers' start-up: imports of TensorFlow and JAX)."""
+    context = multiprocessing.get_context('spawn')
+    start = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                initializer=_import_tensorflow) as pool:
+        results = list(pool.map(_copy_timed, shards))
+    megabytes = sum(result[0] for result in results) / 1e6
+    busy = sum(result[1] for result in results)
+    rates = (megabytes / busy, megabytes / sum(result[2] for result in results))
+    return rates, time.perf_counter() - start - busy / workers
 
 
 def main():
@@ -132,47 +152,50 @@ def main():
         data_dir = os.path.join(root, 'tfrecord')
         build_tfrecord_dataset(data_dir, jpeg_records(args.records), args.shards)
         source_dir = os.path.join(data_dir, NAME, '1.0.0')
-        rates = one_core_breakdown(
+        rates, sizes = one_core_breakdown(
             os.path.join(source_dir, f'{NAME}-train.tfrecord-00000-of-{args.shards:05d}'), root)
-        runs = {}
-        for workers in sorted({1, args.workers}):
-            converted, wall, cpu = _timed(lambda: convert_lib.convert(
-                NAME, data_dir, os.path.join(root, f'array_record_{workers}'), workers=workers))
-            assert converted.splits == {'train': args.records}
-            runs[workers] = (converted.num_bytes / 1e6, wall, cpu)
-        start_up = worker_start_up(args.workers, root) if args.workers > 1 else (0.0, 0.0)
+        converted, wall, cpu = _timed(lambda: convert_lib.convert(
+            NAME, data_dir, os.path.join(root, 'array_record')))
+        assert converted.splits == {'train': args.records}
+        megabytes = converted.num_bytes / 1e6
+        rows = {'convert, 1 worker': (megabytes / wall, megabytes / cpu)}
+        start_up = 0.0
+        if args.workers > 1:
+            import tensorflow_datasets as tfds
 
-    megabytes, wall, cpu = runs[1]
+            info = tfds.builder(NAME, data_dir=data_dir).info
+            target_dir = os.path.join(root, 'parallel')
+            os.makedirs(target_dir)
+            rows[f'{args.workers} workers, per worker'], start_up = parallel_copy(
+                convert_lib.split_shards(info.splits['train'], target_dir), args.workers)
+        rows.update(rates)
+
     record_kb = megabytes * 1e3 / args.records
-    rows = {'convert, 1 worker': (megabytes / wall, megabytes / cpu)}
-    if args.workers > 1:
-        _, wall, cpu = runs[args.workers]
-        wall, cpu = wall - start_up[0], cpu - start_up[1]
-        rows[f'convert, {args.workers} workers, per worker (start-up left out)'] = (
-            megabytes / wall / args.workers, megabytes / cpu)
-    rows.update(rates)
     per_worker_wall, per_cpu_second = rows[list(rows)[1 if args.workers > 1 else 0]]
     # ImageNet train with one worker per core: at the wall rate measured here (a shared
     # machine) and at the CPU rate (what idle cores would give), plus the workers' start-up.
-    imagenet_minutes = (start_up[0] + IMAGENET_TRAIN_BYTES / 1e6 / (per_worker_wall * cores)) / 60
-    idle_minutes = (start_up[0] + IMAGENET_TRAIN_BYTES / 1e6 / (per_cpu_second * cores)) / 60
+    imagenet_minutes = (start_up + IMAGENET_TRAIN_BYTES / 1e6 / (per_worker_wall * cores)) / 60
+    idle_minutes = (start_up + IMAGENET_TRAIN_BYTES / 1e6 / (per_cpu_second * cores)) / 60
 
     print(f'{args.records} records of {record_kb:.0f} KB ({megabytes:.0f} MB of serialized '
-          f'tf.Example), {args.shards} TFRecord shards; {cores} cores; worker start-up '
-          f'{start_up[0]:.1f} s wall for {args.workers} workers')
+          f'tf.Example), {args.shards} TFRecord shards; {cores} cores; start-up of '
+          f'{args.workers} workers: {start_up:.1f} s')
     width = max(map(len, rows))
     print(f'{"step":<{width}}  MB/s (wall)  records/s (wall)  MB per CPU-s  records per CPU-s')
     for label, (wall_rate, cpu_rate) in rows.items():
         print(f'{label:<{width}}  {wall_rate:11.1f}  {wall_rate * 1e3 / record_kb:16.0f}  '
               f'{cpu_rate:12.1f}  {cpu_rate * 1e3 / record_kb:16.0f}')
+    print('ArrayRecord file size / record bytes: ' + ', '.join(
+        f'{options} {ratio:.4f}' for options, ratio in sizes.items()))
     print(f'ImageNet train (1,281,167 records, ~140 GB), one worker per core on {cores} cores: '
           f'{imagenet_minutes:.0f} min at the wall rate measured here, {idle_minutes:.0f} min '
           'at the CPU rate (idle cores)')
     print(json.dumps({
         'records': args.records, 'record_kb': round(record_kb, 1), 'shards': args.shards,
-        'workers': args.workers, 'cores': cores, 'start_up_s': round(start_up[0], 2),
+        'workers': args.workers, 'cores': cores, 'start_up_s': round(start_up, 2),
         **{label: {'mb_per_s': round(wall_rate, 1), 'mb_per_cpu_s': round(cpu_rate, 1)}
            for label, (wall_rate, cpu_rate) in rows.items()},
+        'array_record_size_over_records': {key: round(value, 4) for key, value in sizes.items()},
         'imagenet_train_minutes_wall_rate': round(imagenet_minutes, 1),
         'imagenet_train_minutes_cpu_rate': round(idle_minutes, 1)}))
 

@@ -102,7 +102,7 @@ def _prepared_builder(name: str, data_dir: str):
     return builder
 
 
-def _split_shards(split_info, target_dir: str) -> list[Shard]:
+def split_shards(split_info, target_dir: str) -> list[Shard]:
     """TFRecord shard → ArrayRecord shard pairs, both named by the split's TFDS template."""
     from tensorflow_datasets.core.file_adapters import FileFormat
 
@@ -215,10 +215,10 @@ def convert(name: str, data_dir: str, out_dir: str, splits: list[str] | None = N
                         'choose another --out_dir.')
     staging = os.path.join(os.path.dirname(target_dir),
                            f'incomplete.{uuid.uuid4().hex}_{info.version}')
-    shards = {split: _split_shards(info.splits[split], staging) for split in all_splits}
+    shards = {split: split_shards(info.splits[split], staging) for split in all_splits}
     existing = set(gfile.listdir(source_dir))
-    for split_shards in shards.values():
-        for shard in split_shards:
+    for pairs in shards.values():
+        for shard in pairs:
             if os.path.basename(shard.source) not in existing:
                 raise DataError(f'{shard.source} is missing: the TFRecord data set in '
                                 f'{source_dir} is incomplete.')
@@ -234,7 +234,7 @@ def convert(name: str, data_dir: str, out_dir: str, splits: list[str] | None = N
                           num_bytes / 1e6, num_bytes / 1e6 / (time.perf_counter() - start))
         # Everything else in the version directory: features.json, label names, ...
         sources = {os.path.basename(shard.source)
-                   for split_shards in shards.values() for shard in split_shards}
+                   for pairs in shards.values() for shard in pairs}
         for entry in existing - sources - {DATASET_INFO}:
             if not gfile.isdir(os.path.join(source_dir, entry)):
                 gfile.copy(os.path.join(source_dir, entry), os.path.join(staging, entry))
