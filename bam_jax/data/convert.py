@@ -78,7 +78,9 @@ def _prepared_builder(name: str, data_dir: str):
     """The TFDS builder `TfdsSource` would use for (name, data_dir), prepared on disk."""
     import tensorflow_datasets as tfds
 
-    if not (os.path.isdir(data_dir) if _is_local(data_dir) else _tensorflow().io.gfile.isdir(data_dir)):
+    # A local path is checked without TensorFlow, so that name errors come back fast.
+    if not (os.path.isdir(data_dir) if _is_local(data_dir)
+            else _tensorflow().io.gfile.isdir(data_dir)):
         raise DataError(f'--data_dir {data_dir!r} is not a directory.')
     try:
         builder = tfds.builder(name, data_dir=data_dir)
