@@ -10,7 +10,7 @@ def get_config():
     config.model.update(embed_dim=32, depth=2, num_heads=2, patch_size=8)
     config.projector.update(hidden_dim=64, out_dim=32)
     config.crops.n_local = 2
-    config.optimizer.update(warmup_epochs=0, lr=1e-2)
+    config.optimizer.update(warmup_epochs=0, lr=3e-3)
     config.log_every_steps = 1
     config.checkpoint_every_steps = 10
     config.knn.every_epochs = 1
