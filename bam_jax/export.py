@@ -76,7 +76,11 @@ def restore_state(workdir: pathlib.Path, step: int | None = None):
     """
     config = load_run_config(workdir)
     directory = workdir / 'checkpoints'
-    steps = checkpoint_lib.Checkpointer(directory).all_steps() if directory.is_dir() else []
+    steps = []
+    if directory.is_dir():  # (a Checkpointer would create it)
+        listing = checkpoint_lib.Checkpointer(directory)
+        steps = listing.all_steps()
+        listing.close()
     if not steps:
         raise ExportError(f'no checkpoint in {directory}')
     step = max(steps) if step is None else step
@@ -480,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = export_workdir(args.workdir, args.out, step=args.step,
                                  weights=args.weights, file_format=args.format,
                                  official=args.official)
-    except (ExportError, ArchitectureMismatch, OSError) as error:
+    except (ExportError, ValueError, OSError) as error:  # ValueError: bad config values
         print(f'error: {error}', file=sys.stderr)
         return 1
     print(f'wrote {summary["file"]}: {summary["weights"]} backbone of step '

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,8 @@ import pytest
 from bam_jax import export
 from bam_jax import train as train_lib
 from bam_jax.models.multicrop import build_network
-from bam_jax.models.timm_names import ArchitectureMismatch, timm_backbone
+from bam_jax.models.timm_names import (ArchitectureMismatch, flax_to_timm, timm_backbone,
+                                       timm_to_flax)
 from bam_jax.models.vit import vit
 from bam_jax.train.checkpoint import Checkpointer
 from conftest import data_mesh
@@ -359,3 +361,34 @@ def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match=r"no timm conversion for config.model.name "
                                          r"'resnet'; known: \['vit'\]"):
         timm_backbone('resnet')
+
+
+class ConvBatchNormDense(nn.Module):
+    """The leaf kinds a ResNet adds to the ViT's: conv without bias, BatchNorm."""
+
+    @nn.compact
+    def __call__(self, images):
+        x = nn.Conv(8, (3, 3), use_bias=False, name='conv1')(images)
+        x = nn.BatchNorm(use_running_average=True, name='bn1')(x)
+        return nn.Dense(10, name='fc')(x.mean(axis=(1, 2)))
+
+
+def test_generic_conversion_of_batch_norm_backbones():
+    """torch's names and shapes for Conv2d(3, 8, 3, bias=False), BatchNorm2d(8), Linear(8, 10)."""
+    abstract = jax.eval_shape(ConvBatchNormDense().init, jax.random.key(0),
+                              jnp.zeros((1, 6, 6, 3)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda leaf: rng.normal(size=leaf.shape).astype(np.float32),
+                             abstract)
+    state_dict = flax_to_timm(variables)
+    assert {key: value.shape for key, value in state_dict.items()} == {
+        'conv1.weight': (8, 3, 3, 3), 'bn1.weight': (8,), 'bn1.bias': (8,),
+        'bn1.running_mean': (8,), 'bn1.running_var': (8,), 'bn1.num_batches_tracked': (),
+        'fc.weight': (10, 8), 'fc.bias': (10,)}
+    np.testing.assert_array_equal(state_dict['conv1.weight'][5, 2, 0, 1],
+                                  variables['params']['conv1']['kernel'][0, 1, 2, 5])
+    np.testing.assert_array_equal(state_dict['bn1.running_var'],
+                                  variables['batch_stats']['bn1']['var'])
+    back = timm_to_flax(state_dict, abstract)
+    for path, leaf in leaves_with_paths(variables).items():
+        np.testing.assert_array_equal(leaves_with_paths(back)[path], leaf)

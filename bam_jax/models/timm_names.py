@@ -4,7 +4,8 @@ The Flax modules already carry timm's names, so a conversion is a renaming plus 
 layout changes of each leaf kind (Dense `kernel` [in, out] is torch `weight` [out, in],
 Conv `kernel` [kh, kw, in, out] is `weight` [out, in, kh, kw], norm `scale` is `weight`,
 BatchNorm `mean`/`var` are `running_mean`/`running_var`). `flax_to_timm` and
-`timm_to_flax` do that for any backbone; a `TimmBackbone` entry adds what is particular
+`timm_to_flax` do that for any backbone (and add BatchNorm's `num_batches_tracked`,
+which torch's strict loading requires); a `TimmBackbone` entry adds what is particular
 to one family: how its module names map to timm's and which timm model (name and
 keyword arguments) has exactly the same architecture.
 
@@ -75,7 +76,14 @@ def flax_to_timm(variables: Mapping[str, Any],
             raise ValueError(f'two variables map to the timm key {key!r}')
         state_dict[key] = np.ascontiguousarray(value if axes is None
                                                else value.transpose(axes))
+        if collection == 'batch_stats' and path[-1] == 'mean':
+            state_dict[_batches_tracked(key)] = np.zeros((), np.int64)
     return state_dict
+
+
+def _batches_tracked(running_mean_key: str) -> str:
+    """torch BatchNorm's step counter beside its running mean; flax keeps none."""
+    return running_mean_key.removesuffix('running_mean') + 'num_batches_tracked'
 
 
 def timm_to_flax(state_dict: Mapping[str, np.ndarray], abstract_variables: Mapping[str, Any],
@@ -106,6 +114,8 @@ def timm_to_flax(state_dict: Mapping[str, np.ndarray], abstract_variables: Mappi
                 f'expects {expected}')
         variables.setdefault(collection, {})[path] = value.astype(abstract.dtype)
         used.add(key)
+        if collection == 'batch_stats' and path[-1] == 'mean':
+            used.add(_batches_tracked(key))
     unexpected = sorted(set(state_dict) - used)
     if unexpected:
         shown = ', '.join(repr(key) for key in unexpected[:5])
