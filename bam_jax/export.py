@@ -111,8 +111,8 @@ def restore_state(workdir: pathlib.Path, step: int | None = None):
     saved_model = saved_config.get('model') if isinstance(saved_config, dict) else None
     if saved_model is not None and saved_model != config.model.to_dict():
         raise ArchitectureMismatch(
-            f'{workdir / "config.json"} says model {config.model.to_dict()}, but checkpoint '
-            f'step {step} was saved with model {saved_model}')
+            f'{workdir / "config.json"} says model {config.model.to_dict()}, but '
+            f'checkpoint step {step} was saved with model {saved_model}')
     return config, state, step
 
 
@@ -143,7 +143,8 @@ def _check_saved_shapes(abstract_state, step_directory: pathlib.Path,
     except Exception as error:  # missing or garbled metadata files
         raise ExportError(f'checkpoint {step_directory} is corrupt or unreadable: '
                           f'{_root_cause(error)}') from error
-    saved = {leaf.name: tuple(getattr(leaf, 'shape', ())) for leaf in jax.tree.leaves(metadata)}
+    saved = {leaf.name: tuple(getattr(leaf, 'shape', ()))
+             for leaf in jax.tree.leaves(metadata)}
     wanted = {_dotted(path): tuple(leaf.shape)
               for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
     differing = sorted((name for name in saved.keys() | wanted.keys()
@@ -154,7 +155,8 @@ def _check_saved_shapes(abstract_state, step_directory: pathlib.Path,
         raise ArchitectureMismatch(
             f'checkpoint {step_directory} does not match the model of {config_path}: '
             f'{name} has shape {saved.get(name, "(absent)")} in the checkpoint but '
-            f'{wanted.get(name, "(absent)")} for the config ({len(differing)} arrays differ)')
+            f'{wanted.get(name, "(absent)")} for the config '
+            f'({len(differing)} arrays differ)')
 
 
 def backbone_variables(state, weights: str) -> dict[str, Any]:
@@ -293,7 +295,8 @@ def read_state_dict(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str
         try:
             return load_file(str(path)), {'args': None}
         except (SafetensorError, OSError) as error:
-            raise ExportError(f'{path} is not a readable safetensors file: {error}') from error
+            raise ExportError(f'{path} is not a readable safetensors file: '
+                              f'{error}') from error
     with tempfile.TemporaryDirectory() as scratch:
         tensors = pathlib.Path(scratch) / 'tensors.safetensors'
         info = json.loads(_run_torch('load', str(path), str(tensors)))
@@ -363,14 +366,16 @@ def export_backbone(variables: Mapping[str, Any], model_config: Mapping[str, Any
         summary['official_file'] = str(paths['official'])
         writers[paths['official']] = lambda path: save_state_dict(
             official_keys, path, 'pth', wrap_in_model=True)
-    writers[paths['json']] = lambda path: path.write_text(json.dumps(summary, indent=2) + '\n')
+    writers[paths['json']] = lambda path: path.write_text(
+        json.dumps(summary, indent=2) + '\n')
     write_all(writers)
     return summary
 
 
 def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                    step: int | None = None, weights: str | None = None,
-                   file_format: str | None = None, official: bool = False) -> dict[str, Any]:
+                   file_format: str | None = None,
+                   official: bool = False) -> dict[str, Any]:
     """Writes a checkpoint's backbone for timm (see `export_backbone`).
 
     `weights` defaults to the teacher when the run has one; `step` to the latest.

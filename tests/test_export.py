@@ -196,9 +196,9 @@ def test_exports_match_timm_before_and_after_training(tiny_run, exports, tmp_pat
         assert reports[job]['unexpected'] and all(
             key.startswith(other) for key in reports[job]['unexpected'])
     # Training moved the weights, so "trained" and "random" are different models.
-    trained_student = backbone_params(states[TRAINED_STEP], 'student')
-    assert not np.allclose(trained_student['blocks_0']['attn']['qkv']['kernel'],
-                           backbone_params(states[0], 'student')['blocks_0']['attn']['qkv']['kernel'])
+    qkv_kernels = [backbone_params(states[step], 'student')['blocks_0']['attn']['qkv']
+                   ['kernel'] for step in (0, TRAINED_STEP)]
+    assert not np.allclose(*qkv_kernels)
 
 
 def test_vit_small_matches_timm_only_with_twelve_heads(tmp_path):
@@ -282,7 +282,8 @@ def test_import_official_checkpoint_and_refuse_other_architectures(tiny_run, exp
     # Same shapes (the tiny overrides), but the file's run was `--arch vit_tiny`.
     small = tiny_config()
     small.model.variant = 'small'
-    with pytest.raises(ArchitectureMismatch, match=r"arch='vit_tiny' \(requested 'vit_small'\)"):
+    with pytest.raises(ArchitectureMismatch,
+                       match=r"arch='vit_tiny' \(requested 'vit_small'\)"):
         export.import_backbone(official, small)
     wider = tiny_config()
     wider.model.embed_dim = 64
@@ -324,7 +325,8 @@ def _corrupt(workdir):
      r'in the checkpoint but \(64,\) for the config'),
     ('other head count', lambda workdir: _edit_config(workdir, num_heads=4), [],
      r"config.json says model .*'num_heads': 4.* was saved with model .*'num_heads': 2"),
-    ('format clash', None, ['--format', 'pth'], r'has a .safetensors suffix but --format is pth'),
+    ('format clash', None, ['--format', 'pth'],
+     r'has a .safetensors suffix but --format is pth'),
 ])
 def test_command_errors_are_one_line_and_leave_no_file(tiny_run, tmp_path, capsys, case,
                                                        change, arguments, message):
@@ -374,7 +376,7 @@ class ConvBatchNormDense(nn.Module):
 
 
 def test_generic_conversion_of_batch_norm_backbones():
-    """torch's names and shapes for Conv2d(3, 8, 3, bias=False), BatchNorm2d(8), Linear(8, 10)."""
+    """torch's keys and shapes: Conv2d(3, 8, 3, bias=False), BatchNorm2d(8), Linear(8, 10)."""
     abstract = jax.eval_shape(ConvBatchNormDense().init, jax.random.key(0),
                               jnp.zeros((1, 6, 6, 3)))
     rng = np.random.default_rng(0)

@@ -86,7 +86,8 @@ def _batches_tracked(running_mean_key: str) -> str:
     return running_mean_key.removesuffix('running_mean') + 'num_batches_tracked'
 
 
-def timm_to_flax(state_dict: Mapping[str, np.ndarray], abstract_variables: Mapping[str, Any],
+def timm_to_flax(state_dict: Mapping[str, np.ndarray],
+                 abstract_variables: Mapping[str, Any],
                  rename_module: Callable[[str], str] = numbered_modules,
                  source: str = 'the state dict') -> dict[str, Any]:
     """The inverse of `flax_to_timm`, shaped and typed like `abstract_variables`.
@@ -180,7 +181,8 @@ def vit_model_spec(model_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]
 
 def vit_official_args(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """The official `--arch vit_<variant> --patch_size P` of this ViT."""
-    return {'arch': f'vit_{model_config["variant"]}', 'patch_size': model_config['patch_size']}
+    return {'arch': f'vit_{model_config["variant"]}',
+            'patch_size': model_config['patch_size']}
 
 
 BACKBONES: dict[str, TimmBackbone] = {
