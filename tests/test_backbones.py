@@ -94,29 +94,6 @@ def test_resnet_config_is_the_papers_lars_run():
     assert config.optimizer.clip_grad == 0.3 and not config.data.ccrop
 
 
-# --------------------------------------------------------------------------- initialisation
-
-
-def test_initialisation_follows_timm():
-    resnet_params = _flat(jax.jit(ResNet(**TINY_RESNET).init)(
-        _key(), jnp.zeros((2, 32, 32, 3)))['params'])
-    for path, leaf in resnet_params.items():
-        if path.endswith('kernel'):  # kaiming normal, fan_out
-            kh, kw, _, out = leaf.shape
-            assert leaf.std() == pytest.approx(math.sqrt(2 / (kh * kw * out)), rel=0.2), path
-        elif path.endswith('bn3/scale'):  # zero_init_last
-            assert not leaf.any(), path
-        else:
-            assert (leaf == (1 if path.endswith('scale') else 0)).all(), path
-    caformer_params = _flat(jax.jit(CAFormer(**TINY_CAFORMER).init)(
-        _key(), jnp.zeros((2, 32, 32, 3)))['params'])
-    for path, leaf in caformer_params.items():
-        if path.endswith('kernel') and leaf.size > 500:
-            assert leaf.std() == pytest.approx(0.02, rel=0.1), path
-        elif not path.endswith('kernel'):
-            assert (leaf == (1 if path.endswith('scale') else 0)).all(), path
-
-
 # ------------------------------------------------------------------------------ BatchNorm
 
 
@@ -144,7 +121,7 @@ def test_batch_norm_is_torchs():
         model.apply(variables, x[:1, :1, :1], train=True, mutable=['batch_stats'])
 
 
-# --------------------------------------------------------------------- training on a mesh
+# ------------------------------------------------------- training on a mesh, and init
 
 
 def _tiny_config(config_module, model):
@@ -152,8 +129,7 @@ def _tiny_config(config_module, model):
     config.batch_size = 8
     config.epochs = 10
     config.compute_dtype = 'float32'
-    config.model = ml_collections.ConfigDict(
-        dict(name=config.model.name, **{k: v for k, v in model.items()}))
+    config.model = ml_collections.ConfigDict(dict(name=config.model.name, **model))
     config.projector.update(hidden_dim=32, out_dim=16)
     config.crops.update(global_size=32, local_size=16, n_local=2)
     config.loss.update(top_k=8)
@@ -172,56 +148,84 @@ def _place(batch, mesh):
     return jax.device_put(batch, NamedSharding(mesh, P(None, 'data')))
 
 
-def test_resnet_batch_norm_is_global_and_teacher_keeps_its_own_stats():
-    """One step on 1 and on 4 devices gives the same BN statistics (so they are over
-    the global batch); the teacher's statistics come from its own forward pass, never
-    from the student's (the official EMA skips buffers); the loss keeps changing."""
-    config = _tiny_config(resnet50_imagenet, TINY_RESNET)
-    batch = _batch(config, 0)
-    one_device = data_mesh(1)
-    reference = train_lib.build_training(config, one_device, steps_per_epoch=5, rng=_key())
-    after_one_device = jax.device_get(
-        reference.train_step(reference.state, _place(batch, one_device))[0])
+def _training(config_module, model):
+    """A tiny run on 4 devices and a copy of its initial params (the step donates)."""
+    config = _tiny_config(config_module, model)
+    training = train_lib.build_training(config, data_mesh(4), steps_per_epoch=5,
+                                        rng=_key())
+    return config, training, jax.device_get(training.state.params)
 
-    mesh = data_mesh(4)
-    training = train_lib.build_training(config, mesh, steps_per_epoch=5, rng=_key())
-    teacher_forward = jax.jit(lambda params, stats, crops: training.network.apply(
+
+@pytest.fixture(scope='module')
+def resnet_training():
+    return _training(resnet50_imagenet, TINY_RESNET)
+
+
+@pytest.fixture(scope='module')
+def caformer_training():
+    return _training(caformer_m36_imagenet, {**TINY_CAFORMER, 'remat': True})
+
+
+def test_initialisation_follows_timm(resnet_training, caformer_training):
+    for path, leaf in _flat(resnet_training[2]['backbone']).items():
+        if path.endswith('kernel'):  # kaiming normal, fan_out
+            kh, kw, _, out = leaf.shape
+            assert leaf.std() == pytest.approx(math.sqrt(2 / (kh * kw * out)), rel=0.2), path
+        elif path.endswith('bn3/scale'):  # zero_init_last
+            assert not leaf.any(), path
+        else:
+            assert (leaf == (1 if path.endswith('scale') else 0)).all(), path
+    for path, leaf in _flat(caformer_training[2]['backbone']).items():
+        if path.endswith('kernel') and leaf.size > 500:  # trunc_normal_(std=0.02)
+            assert leaf.std() == pytest.approx(0.02, rel=0.1), path
+        elif not path.endswith('kernel'):
+            assert (leaf == (1 if path.endswith('scale') else 0)).all(), path
+
+
+def test_resnet_batch_norm_is_global_and_teacher_keeps_its_own_stats(resnet_training):
+    """The 4-device step's BN statistics equal a 1-device forward's (so they are over the
+    global batch); the teacher's come from its own forward pass, never from the
+    student's (the official EMA skips buffers); the loss keeps changing."""
+    config, training, _ = resnet_training
+    mesh = training.state.step.sharding.mesh
+    batch = _batch(config, 0)
+    crops = [batch['global'], batch['local']]
+    # Jitted on unsharded inputs, this runs on one device.
+    forward_statistics = jax.jit(lambda params, stats, crops: training.network.apply(
         {'params': params, 'batch_stats': stats}, crops, train=True,
         mutable=['batch_stats'])[1]['batch_stats'])
     state, losses = training.state, []
     for step in range(3):
-        # A copy: the step donates the state.
+        # Copies: the step donates the state.
+        student_before = jax.device_get((state.params, state.batch_stats))
         teacher_before = jax.device_get((state.teacher_params, state.teacher_batch_stats))
         state, metrics = training.train_step(state, _place(batch, mesh))
         losses.append(float(metrics['loss']))
-        if step == 0:
-            for name in ('batch_stats', 'teacher_batch_stats', 'params'):
-                got = _flat(getattr(state, name))
-                for path, leaf in _flat(getattr(after_one_device, name)).items():
-                    np.testing.assert_allclose(got[path], leaf, rtol=2e-5, atol=1e-6,
-                                               err_msg=f'{name} {path}')
-        teacher_stats = _flat(teacher_forward(*teacher_before,
-                                              [batch['global'], batch['local']]))
-        for path, leaf in _flat(state.teacher_batch_stats).items():
-            np.testing.assert_allclose(leaf, teacher_stats[path], rtol=1e-5, atol=1e-6,
-                                       err_msg=path)
+        for before, after in ((student_before, state.batch_stats),
+                              (teacher_before, state.teacher_batch_stats)):
+            expected = _flat(forward_statistics(*before, crops))
+            for path, leaf in _flat(after).items():
+                np.testing.assert_allclose(leaf, expected[path], rtol=2e-5, atol=1e-6,
+                                           err_msg=path)
+    # The same forward with the batch sharded over the 4 devices: the same statistics.
+    sharded = _flat(forward_statistics(*teacher_before, _place(crops, mesh)))
+    for path, leaf in _flat(state.teacher_batch_stats).items():
+        np.testing.assert_allclose(sharded[path], leaf, rtol=2e-5, atol=1e-6, err_msg=path)
     assert np.isfinite(losses).all() and len(set(losses)) == 3, losses
     student, teacher = _flat(state.batch_stats), _flat(state.teacher_batch_stats)
     assert any(not np.allclose(student[path], teacher[path]) for path in student)
 
 
-def test_caformer_trains_on_four_devices():
-    config = _tiny_config(caformer_m36_imagenet, {**TINY_CAFORMER, 'remat': True})
-    mesh = data_mesh(4)
-    training = train_lib.build_training(config, mesh, steps_per_epoch=5, rng=_key())
-    initial = _flat(training.state.params)
+def test_caformer_trains_on_four_devices(caformer_training):
+    config, training, initial = caformer_training
+    mesh = training.state.step.sharding.mesh
     state, losses = training.state, []
     for step in range(3):
         state, metrics = training.train_step(state, _place(_batch(config, 0), mesh))
         assert all(np.isfinite(np.asarray(value)).all() for value in metrics.values())
         losses.append(float(metrics['loss']))
     assert len(set(losses)) == 3, losses
-    final = _flat(state.params)
+    final, initial = _flat(state.params), _flat(initial)
     assert all(not np.array_equal(final[path], initial[path]) for path in initial)
 
 
