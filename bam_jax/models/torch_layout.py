@@ -35,20 +35,13 @@ def torch_key(path: tuple[str, ...], collection: str = 'params') -> str:
                     + [names[leaf]])
 
 
-def _to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
-    if leaf == 'kernel' and array.ndim == 2:
+def _relayout(leaf: str, array: np.ndarray, *, to_torch: bool) -> np.ndarray:
+    """Transposes a kernel between flax's and torch's layouts; other leaves as they are."""
+    if leaf != 'kernel' or array.ndim not in (2, 4):
+        return array
+    if array.ndim == 2:
         return array.T
-    if leaf == 'kernel' and array.ndim == 4:
-        return array.transpose(_CONV_TO_TORCH)
-    return array
-
-
-def _from_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
-    if leaf == 'kernel' and array.ndim == 2:
-        return array.T
-    if leaf == 'kernel' and array.ndim == 4:
-        return array.transpose(_CONV_FROM_TORCH)
-    return array
+    return array.transpose(_CONV_TO_TORCH if to_torch else _CONV_FROM_TORCH)
 
 
 def _leaves(tree) -> list[tuple[tuple[str, ...], Any]]:
@@ -63,7 +56,7 @@ def to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
         for path, leaf in _leaves(tree):
             array = np.asarray(jax.device_get(leaf), np.float32)
             state_dict[torch_key(path, collection)] = np.ascontiguousarray(
-                _to_torch_layout(path[-1], array))
+                _relayout(path[-1], array, to_torch=True))
     return state_dict
 
 
@@ -80,26 +73,26 @@ def from_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, Any],
     """
     unused = {key for key in state_dict if not key.endswith(ignored_suffixes)}
     missing = []
-    variables = {}
+    leaves = {}
     for collection, tree in expected.items():
-        arrays = []
+        leaves[collection] = []
         for path, leaf in _leaves(tree):
             key = torch_key(path, collection)
             if key not in state_dict:
                 missing.append(key)
-                arrays.append(None)
                 continue
             unused.discard(key)
-            array = _from_torch_layout(path[-1], np.asarray(state_dict[key], np.float32))
+            array = _relayout(path[-1], np.asarray(state_dict[key], np.float32),
+                              to_torch=False)
             if array.shape != tuple(leaf.shape):
-                torch_shape = np.shape(state_dict[key])
-                raise ValueError(f'State dict key {key!r} has shape {torch_shape}; the '
-                                 f'model needs {_to_torch_layout(path[-1], np.empty(leaf.shape)).shape}.')
-            arrays.append(array)
-        variables[collection] = jax.tree.unflatten(jax.tree.structure(tree), arrays)
+                needed = _relayout(path[-1], np.empty(leaf.shape), to_torch=True).shape
+                raise ValueError(f'State dict key {key!r} has shape '
+                                 f'{np.shape(state_dict[key])}; the model needs {needed}.')
+            leaves[collection].append(array)
     if missing or unused:
         raise ValueError(f'State dict does not match the model: missing keys '
                          f'{sorted(missing)[:5]}{"..." if len(missing) > 5 else ""}, '
                          f'unexpected keys {sorted(unused)[:5]}'
                          f'{"..." if len(unused) > 5 else ""}.')
-    return variables
+    return {collection: jax.tree.unflatten(jax.tree.structure(tree), leaves[collection])
+            for collection, tree in expected.items()}
