@@ -19,9 +19,10 @@ res_scale_init_values=(None,) * 4)`:
 * init: every conv and Linear weight N(0, 0.02) (timm's trunc_normal_ with cut-offs at
   ±2 absolute, i.e. ±100 std), biases 0, norms 1.
 
-Differences from timm's own `caformer_m36` (the reason its count is higher): timm uses
-StarReLU, with a learnable scale and bias, in the MLPs and in SepConv, and res-scale
-vectors in stages 3–4; the official code replaces both. With `timm_model_kwargs`
+52,548,480 parameters. timm's own `caformer_m36(num_classes=0)` has 52,565,862: it uses
+StarReLU, with a learnable scalar scale and bias, in the 36 MLPs and 15 SepConvs (102
+parameters) and res-scale vectors in stages 3–4 (2 · (18 · 384 + 3 · 576) = 17,280);
+the official code replaces both. With `timm_model_kwargs`
 timm builds exactly this network, and the names and layouts match one-to-one (flax
 `stages_2/blocks_0/token_mixer/qkv` is timm `stages.2.blocks.0.token_mixer.qkv`).
 
