@@ -102,7 +102,7 @@ def test_bad_values_name_the_key(tmp_path):
 
 def test_short_run_learns_and_saves_its_config(reference):
     config = json.loads((reference / 'config.json').read_text())
-    assert config['batch_size'] == 64 and config['model']['embed_dim'] == 32  # overrides
+    assert config['batch_size'] == 64 and config['model']['embed_dim'] == 64  # overrides
     metrics = metrics_log.read_metrics(reference)
     assert sorted(losses(reference)) == list(range(1, STEPS + 1))
     first = np.mean([metrics[s]['loss'] for s in range(1, 6)])
