@@ -58,4 +58,16 @@ def get_config():
         lr=3e-4,  # per 256 images: the peak is lr × batch_size / 256 = 4.8e-3
         min_lr=1e-3, warmup_epochs=40, weight_decay=0.04, weight_decay_end=0.4,
         clip_grad=0.3, b1=0.9, b2=0.999, eps=1e-8, lars_momentum=0.9, lars_eta=0.001))
+
+    # Online kNN (official §6.1): every `every_epochs` epochs and after the last, student
+    # and teacher, on a class-balanced `train_fraction` of train against all of `val_split`.
+    config.knn = ml_collections.ConfigDict(dict(
+        every_epochs=16, train_fraction=0.1, val_split='validation', k=20,
+        temperature=0.07, resize_size=256, image_size=224, batch_size=1024))
+
+    # Run control.
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000  # and at every epoch's end
+    config.max_checkpoints = 3
+    config.profile_steps = 5  # one clu Profile of this many steps (TensorBoard); 0: none
     return config

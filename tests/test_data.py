@@ -194,21 +194,25 @@ def test_restored_iterator_state_reproduces_the_next_batch(num_workers):
     restored.close()
 
 
-def test_two_processes_read_disjoint_shards_covering_the_epoch():
+def test_two_processes_split_the_one_process_global_batches():
     source = sources.SyntheticSource(24, 20, 20)
-    shards = []
-    for process_index in range(2):
-        dataset = pipeline.make_pipeline(source, _crops_config(), batch_size=4, seed=0,
-                                         shard_index=process_index, shard_count=2,
-                                         num_epochs=2)
-        batches = _all_batches(dataset)
-        assert len(batches) == 6  # 12 per shard per epoch, two epochs
-        first, second = (np.concatenate([b['index'] for b in batches[e * 3:(e + 1) * 3]])
-                         for e in range(2))
-        assert sorted(first) == sorted(second) and not np.array_equal(first, second)
-        shards.append(set(first.tolist()))
-    assert not shards[0] & shards[1]
-    assert shards[0] | shards[1] == set(range(24))
+    whole = _all_batches(pipeline.make_pipeline(source, _crops_config(), batch_size=8,
+                                                seed=0, num_epochs=2))
+    halves = [_all_batches(pipeline.make_pipeline(
+                  source, _crops_config(), batch_size=4, seed=0, process_index=index,
+                  process_count=2, num_epochs=2)) for index in range(2)]
+    assert len(whole) == len(halves[0]) == len(halves[1]) == 6  # 3 global batches / epoch
+    for step, batch in enumerate(whole):  # same images, same crops, same seeds
+        for key in batch:
+            np.testing.assert_array_equal(
+                np.concatenate([halves[0][step][key], halves[1][step][key]],
+                               axis=1 if key in pipeline.CROP_KEYS else 0), batch[key])
+    for epoch in range(2):  # disjoint within an epoch, together covering it
+        reads = [np.concatenate([b['index'] for b in batches[epoch * 3:(epoch + 1) * 3]])
+                 for batches in halves]
+        assert not set(reads[0]) & set(reads[1])
+        assert set(reads[0]) | set(reads[1]) == set(range(24))
+    assert not np.array_equal(whole[0]['index'], whole[3]['index'])  # reshuffled
 
 
 def test_tfds_array_record_source(tmp_path):
@@ -280,7 +284,7 @@ def test_clear_errors_before_compilation(image_folder, tmp_path):
         sources.make_source(ml_collections.ConfigDict(dict(source='webdataset', split='x')))
     source = sources.ImageFolderSource(str(image_folder / 'train'))
     with pytest.raises(sources.DataError, match='12 images, fewer than one global batch of 16'):
-        pipeline.make_pipeline(source, _crops_config(), batch_size=8, seed=0, shard_count=2)
+        pipeline.make_pipeline(source, _crops_config(), batch_size=8, seed=0, process_count=2)
 
     config = vit_small_imagenet.get_config()
     config.batch_size = 16

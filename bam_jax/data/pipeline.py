@@ -1,8 +1,10 @@
-"""The grain pipeline: shard → shuffle → repeat → crop (workers) → skip bad → batch.
+"""The grain pipeline: shuffle → repeat → crop → this process's slice (workers) → skip bad → batch.
 
-Per-example randomness is seeded by grain from (seed, position in this process's stream),
-and unreadable images are dropped in the main process after the workers, so the batches
-are the same for any `num_workers`. The iterator's `get_state()` / `set_state()` is the
+Every process defines the same global stream; per-example randomness is seeded by grain
+from (seed, position in that stream), and each process crops only its own slice of each
+global batch. Unreadable images are dropped in the main process after the workers. So
+the batches are the same for any `num_workers`, and the global batches the same for any
+number of processes. The iterator's `get_state()` / `set_state()` is the
 checkpointable input position; it includes the bad-image count.
 """
 
@@ -19,16 +21,38 @@ from bam_jax.data import sources
 CROP_KEYS = ('global', 'local')
 
 
-def shard(dataset: grain.MapDataset, shard_index: int, shard_count: int) -> grain.MapDataset:
-    """Every `shard_count`-th example from `shard_index`, cut to an equal length per shard.
+class _ProcessSlice(grain.MapDataset):
+    """This process's part of every global batch of the (shuffled, repeated) stream.
 
-    Equal lengths keep the processes in step (same number of batches per epoch); at most
-    `shard_count - 1` examples per epoch are left out.
+    Global batch `i` is positions `[i·B, (i+1)·B)` of one stream that every process
+    defines identically; process `p` reads positions `i·B + p·b … i·B + (p+1)·b − 1`.
+    Together the processes read each global batch exactly once, and a global batch, its
+    crops and its seeds do not depend on how many processes there are.
     """
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f'shard_index {shard_index} is not in [0, {shard_count}).')
-    per_shard = len(dataset) // shard_count
-    return dataset[shard_index::shard_count][:per_shard]
+
+    def __init__(self, parent: grain.MapDataset, per_process: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        if not 0 <= process_index < process_count:
+            raise ValueError(f'process_index {process_index} is not in [0, {process_count}).')
+        self.per_process = per_process
+        self.process_index = process_index
+        self.process_count = process_count
+
+    def __len__(self) -> int:
+        global_batches, rest = divmod(len(self._parent), self.per_process * self.process_count)
+        rest = min(max(rest - self.process_index * self.per_process, 0), self.per_process)
+        return global_batches * self.per_process + rest
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, offset = divmod(index, self.per_process)
+        return self._parent[(batch * self.process_count + self.process_index)
+                            * self.per_process + offset]
+
+    def __str__(self) -> str:
+        return f'ProcessSlice({self.process_index}/{self.process_count})'
 
 
 class _SkipBadAndBatch(grain.IterDataset):
@@ -92,10 +116,9 @@ class _SkipBadAndBatchIterator(grain.DatasetIterator):
         self.bad_count = state['bad_count']
 
 
-def make_pipeline(source, crops_config, *, batch_size: int, seed: int, shard_index: int = 0,
-                  shard_count: int = 1, num_epochs: int | None = None, shuffle: bool = True,
+def make_pipeline(source, crops_config, *, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1, num_epochs: int | None = None, shuffle: bool = True,
                   num_workers: int = 0, max_bad_fraction: float = 0.01,
-                  global_batch_size: int | None = None,
                   boxes: np.ndarray | None = None) -> grain.IterDataset:
     """This process's batches: dicts as documented in `bam_jax.data` (per-process `batch_size`).
 
@@ -103,34 +126,35 @@ def make_pipeline(source, crops_config, *, batch_size: int, seed: int, shard_ind
     `boxes` (ContrastiveCrop, `[len(source), 4]`) are read by the workers as they were
     when the iterator was created; recreate the iterator (from its state) after updating.
     """
-    global_batch_size = global_batch_size or batch_size * shard_count
+    global_batch_size = batch_size * process_count
     if len(source) < global_batch_size:
         raise sources.DataError(f'The data set has {len(source)} images, fewer than one '
                                 f'global batch of {global_batch_size}.')
-    dataset = shard(grain.MapDataset.source(source), shard_index, shard_count)
+    dataset = grain.MapDataset.source(source)
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
     dataset = dataset.repeat(num_epochs)
     dataset = dataset.random_map(
         functools.partial(crops_lib.crop_record, crops_config=crops_config, boxes=boxes),
         seed=seed)
+    dataset = _ProcessSlice(dataset, batch_size, process_index, process_count)
     dataset = dataset.to_iter_dataset()
     if num_workers:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return _SkipBadAndBatch(dataset, batch_size, shard_length=len(source) // shard_count,
+    return _SkipBadAndBatch(dataset, batch_size, shard_length=len(source) // process_count,
                             max_bad_fraction=max_bad_fraction)
 
 
-def make_train_pipeline(config, *, process_index: int = 0,
-                        process_count: int = 1) -> grain.IterDataset:
+def make_train_pipeline(config, source=None, *, process_index: int = 0,
+                        process_count: int = 1,
+                        boxes: np.ndarray | None = None) -> grain.IterDataset:
     """The pretraining pipeline from a run config (`config.data`, `config.crops`)."""
     if config.batch_size % process_count:
         raise sources.DataError(f'batch_size {config.batch_size} is not divisible by the '
                                 f'{process_count} processes.')
     return make_pipeline(
-        sources.make_source(config.data), config.crops,
+        sources.make_source(config.data) if source is None else source, config.crops,
         batch_size=config.batch_size // process_count, seed=config.seed,
-        shard_index=process_index, shard_count=process_count,
+        process_index=process_index, process_count=process_count,
         num_epochs=None, num_workers=config.data.num_workers,
-        max_bad_fraction=config.data.max_bad_fraction,
-        global_batch_size=config.batch_size)
+        max_bad_fraction=config.data.max_bad_fraction, boxes=boxes)

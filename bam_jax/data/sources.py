@@ -85,10 +85,9 @@ class TfdsSource:
         if file_format is None or file_format.value != 'array_record':
             raise DataError(
                 f'TFDS data set {name!r} in {data_dir!r} is stored as {file_format}, which '
-                'has no random access. Convert it once (needs TensorFlow and `pip install '
-                'apache-beam`): `tfds '
-                'convert_format --dataset_version_dir=<data_dir>/<name>/<version> '
-                '--out_file_format=array_record`.')
+                'has no random access. Convert it once (needs TensorFlow): `python -m '
+                f'bam_jax.data.convert --name {name} --data_dir {data_dir} --out_dir NEW_DIR`, '
+                'then read it from NEW_DIR.')
         try:
             self._source = tfds.data_source(
                 name, split=split, data_dir=data_dir, download=False,

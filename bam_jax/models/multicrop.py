@@ -16,8 +16,13 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bam_jax.models.caformer import CAFormer
 from bam_jax.models.projector import ProjectionHead
+from bam_jax.models.resnet import ResNet
 from bam_jax.models.vit import vit
+
+# `config.model.name` → the backbone class; 'vit' goes through `vit(variant)`.
+BACKBONES = {'resnet50': ResNet, 'caformer_m36': CAFormer}
 
 
 class MultiCropNetwork(nn.Module):
@@ -40,14 +45,19 @@ class MultiCropNetwork(nn.Module):
 def build_network(config) -> MultiCropNetwork:
     """The student (and teacher) network of a run: `config.model` + `config.projector`.
 
-    `config.model.name` picks the backbone family (only 'vit' so far); the other
-    `config.model` keys are the family's arguments, e.g. `variant`, `patch_size`.
+    `config.model.name` picks the backbone family ('vit', 'resnet50',
+    'caformer_m36'); the other `config.model` keys are the family's arguments, e.g.
+    `variant`, `patch_size`.
     """
     model = dict(config.model)
     name = model.pop('name')
     dtype = jnp.dtype(config.compute_dtype)
-    if name != 'vit':
-        raise ValueError(f"unknown config.model.name {name!r}; expected 'vit'")
-    backbone = vit(model.pop('variant'), dtype=dtype, **model)
+    if name == 'vit':
+        backbone = vit(model.pop('variant'), dtype=dtype, **model)
+    elif name in BACKBONES:
+        backbone = BACKBONES[name](dtype=dtype, **model)
+    else:
+        raise ValueError(f'unknown config.model.name {name!r}; expected one of '
+                         f"{['vit', *BACKBONES]}")
     projector = ProjectionHead(dtype=dtype, **config.projector)
     return MultiCropNetwork(backbone=backbone, projector=projector)

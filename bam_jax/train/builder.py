@@ -9,12 +9,39 @@ import flax.linen as nn
 import jax
 import optax
 
+from bam_jax.data.augment import augment_crops
 from bam_jax.models.multicrop import build_network
 from bam_jax.models.vit import is_frozen
 from bam_jax.train.optimizer import make_optimizer
 from bam_jax.train.schedules import Schedules, make_schedules
 from bam_jax.train.state import TrainState, create_train_state
 from bam_jax.train.step import loss_kwargs_from_config, make_train_step
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and how to fix it."""
+
+
+def validate_config(config, device_count: int):
+    """Checks the values that would otherwise fail deep inside a jitted step."""
+    def need(condition: bool, message: str):
+        if not condition:
+            raise ConfigError(message)
+    need(config.epochs >= 1, f'config.epochs={config.epochs}: train at least one epoch.')
+    need(0 <= config.optimizer.warmup_epochs <= config.epochs,
+         f'config.optimizer.warmup_epochs={config.optimizer.warmup_epochs} must be in '
+         f'[0, config.epochs={config.epochs}].')
+    need(config.batch_size % device_count == 0,
+         f'config.batch_size={config.batch_size} is not divisible by the {device_count} '
+         'devices; use a multiple.')
+    need(config.optimizer.name in ('adamw', 'lars'),
+         f"config.optimizer.name={config.optimizer.name!r}: expected 'adamw' or 'lars'.")
+    need(config.loss.n_target_crops <= config.crops.n_global,
+         f'config.loss.n_target_crops={config.loss.n_target_crops} exceeds '
+         f'config.crops.n_global={config.crops.n_global}.')
+    need(config.loss.top_k < config.batch_size * config.crops.n_global,
+         f'config.loss.top_k={config.loss.top_k} must be below the number of target '
+         f'columns, batch_size × n_global = {config.batch_size * config.crops.n_global}.')
 
 
 def frozen_mask(params):
@@ -57,6 +84,7 @@ def build_training(config, mesh: jax.sharding.Mesh, steps_per_epoch: int,
     rng = jax.random.PRNGKey(config.seed) if rng is None else rng
     state = create_train_state(network, tx, rng, crop_shapes(config, 2),
                                teacher=config.teacher, mesh=mesh, abstract=abstract)
-    train_step = make_train_step(network, tx, schedules, loss_kwargs_from_config(config),
-                                 mesh=mesh)
+    train_step = make_train_step(
+        network, tx, schedules, loss_kwargs_from_config(config), mesh=mesh,
+        augment=lambda batch, rng: augment_crops(batch, config.crops, rng))
     return Training(network, tx, schedules, state, train_step)

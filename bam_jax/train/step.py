@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -26,6 +27,9 @@ from bam_jax.train.schedules import Schedules
 from bam_jax.train.state import TrainState
 
 CROP_GROUPS = ('global', 'local')
+# Folded into the state's rng for the device augmentations; each image then folds in its
+# own host-drawn seed, so the stream differs per image and per epoch, not per device.
+AUGMENT_STREAM = 0x61756720
 
 
 def batch_crops(batch: dict[str, jax.Array]) -> list[jax.Array]:
@@ -45,12 +49,16 @@ def ema(teacher, student, momentum):
 def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
                     schedules: Schedules, loss_kwargs: dict[str, Any], *,
                     mesh: jax.sharding.Mesh, axis_name: str = 'data',
+                    augment: Callable[[dict, jax.Array], dict] | None = None,
                     donate: bool = True) -> Callable[[TrainState, dict], tuple]:
     """The jitted step `(state, batch) -> (state, metrics)`.
 
     `batch` maps 'global' (and 'local', if any) to crops `[n_views, B, H, W, C]`,
-    sharded over `axis_name` on the image axis. The state is replicated and donated.
-    `loss_kwargs` are `bam_loss`'s static arguments (all but ε, which is scheduled).
+    sharded over `axis_name` on the image axis (see `shard_batch`). Host batches hold
+    uint8 crops and a per-image 'seed' `[B, 2]`; `augment(batch, rng)` (the device half
+    of the augmentations) turns them into normalised float crops inside the step. Float
+    crops are used as they are. The state is replicated and donated. `loss_kwargs` are
+    `bam_loss`'s static arguments (all but ε, which is scheduled).
     """
     loss_fn = functools.partial(bam_loss, mesh=mesh, axis_name=axis_name, **loss_kwargs)
 
@@ -60,6 +68,10 @@ def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
                              mutable=['batch_stats'])
 
     def train_step(state: TrainState, batch):
+        if batch['global'].dtype == jnp.uint8:
+            if augment is None:
+                raise ValueError('uint8 crops need the device augmentations: pass augment.')
+            batch = augment(batch, jax.random.fold_in(state.rng, AUGMENT_STREAM))
         crops = batch_crops(batch)
         hyper = schedules(state.step)
         student_rng, teacher_rng = jax.random.split(jax.random.fold_in(state.rng,
@@ -102,10 +114,23 @@ def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
         return new_state, metrics
 
     replicated = NamedSharding(mesh, P())
-    images = NamedSharding(mesh, P(None, axis_name))
-    return jax.jit(train_step, in_shardings=(replicated, images),
+    # The batch keeps the sharding it was placed with (`shard_batch`).
+    return jax.jit(train_step, in_shardings=(replicated, None),
                    out_shardings=(replicated, replicated),
                    donate_argnums=(0,) if donate else ())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, key: str, axis_name: str = 'data'):
+    """Crops `[n_views, B, ...]` are split on their image axis, the rest on axis 0."""
+    spec = P(None, axis_name) if key in CROP_GROUPS else P(axis_name)
+    return NamedSharding(mesh, spec)
+
+
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh, axis_name: str = 'data') -> dict:
+    """This process's host batch → global arrays over `mesh` (each process its own slice)."""
+    return {key: jax.make_array_from_process_local_data(
+                batch_sharding(mesh, key, axis_name), value)
+            for key, value in batch.items()}
 
 
 def loss_kwargs_from_config(config) -> dict[str, Any]:

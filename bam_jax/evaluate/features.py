@@ -1,0 +1,102 @@
+"""Frozen features of a whole split, as global arrays sharded over the data axis.
+
+Each process feeds its own batches (`bam_jax.data.eval_input`); each batch becomes a
+global array (`jax.make_array_from_process_local_data`), is normalised on the device
+and goes through `features_fn`, and the result is written, without leaving its devices,
+into a preallocated donated buffer. So a split's features never pass through a host and
+never need a device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bam_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+
+class Features(NamedTuple):
+    """A split's features `[N, D]` float32, labels int32 `[N]` and validity bool `[N]`.
+
+    N is the number of batches times the global batch size; rows are in batch-row-major
+    order (row `r · num_batches + t` is row r of global batch t), which keeps each
+    device's rows on that device. Padding and unreadable images have `valid` False.
+    """
+    features: jax.Array
+    labels: jax.Array
+    valid: jax.Array
+
+
+@jax.jit
+def normalize_images(images: jax.Array) -> jax.Array:
+    """uint8 `[..., 3]` → float32 with the ImageNet mean/std, as the official transform."""
+    images = images.astype(jnp.float32) / 255.0
+    return (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write(buffer: Features, batch: Features, step: jax.Array) -> Features:
+    return jax.tree.map(lambda whole, part: whole.at[:, step].set(part), buffer, batch)
+
+
+def _flatten(buffer: Features) -> Features:
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), buffer)
+
+
+def extract_features(features_fn: Callable[[jax.Array], jax.Array],
+                     batches: Iterable[dict[str, np.ndarray]], *,
+                     mesh: jax.sharding.Mesh, axis_name: str = 'data',
+                     num_batches: int | None = None) -> Features:
+    """`features_fn` over every batch of a split → `Features` sharded over `axis_name`.
+
+    Args:
+      features_fn: normalised float32 images `[B, H, W, 3]` → `[B, D]`; jitted, with the
+        parameters bound (e.g. `functools.partial(jitted_apply, params)`), so calling it
+        again for another checkpoint does not recompile.
+      batches: this process's host batches with 'image', 'label', 'valid' (an
+        `EvalInput`); every process must yield the same number of equal-size batches.
+      num_batches: how many; default `len(batches)` or `batches.num_batches`.
+    """
+    if num_batches is None:
+        num_batches = getattr(batches, 'num_batches', None)
+        num_batches = len(batches) if num_batches is None else num_batches
+    rows = NamedSharding(mesh, P(axis_name))
+    buffer = None
+    step = 0
+    for step, batch in enumerate(batches):
+        if step >= num_batches:
+            raise ValueError(f'The input yielded more than the {num_batches} batches it '
+                             'announced.')
+        local_size = len(batch['label'])
+        if local_size % jax.local_device_count():
+            raise ValueError(f'The per-process batch of {local_size} does not split over '
+                             f'the {jax.local_device_count()} local devices; use a batch '
+                             'size divisible by it.')
+        global_size = local_size * jax.process_count()
+
+        def to_global(name, dtype):
+            local = np.asarray(batch[name], dtype)
+            return jax.make_array_from_process_local_data(
+                rows, local, (global_size,) + local.shape[1:])
+
+        features = features_fn(normalize_images(to_global('image', np.uint8)))
+        part = Features(features.astype(jnp.float32), to_global('label', np.int32),
+                        to_global('valid', bool))
+        if buffer is None:
+            buffer = Features(
+                jnp.zeros((global_size, num_batches, features.shape[-1]), jnp.float32,
+                          device=rows),
+                jnp.zeros((global_size, num_batches), jnp.int32, device=rows),
+                jnp.zeros((global_size, num_batches), bool, device=rows))
+        buffer = _write(buffer, part, np.int32(step))
+    if buffer is None or step + 1 != num_batches:
+        raise ValueError(f'The input yielded {0 if buffer is None else step + 1} batches, '
+                         f'not the {num_batches} it announced.')
+    # [global batch, batches, ...] → [rows, ...]: merging into the sharded leading axis
+    # keeps every row on its device.
+    return jax.jit(_flatten, out_shardings=rows)(buffer)

@@ -1,0 +1,265 @@
+"""The training loop: data → jitted step → logs, checkpoints, kNN, ContrastiveCrop boxes.
+
+One procedural function in banner-marked sections. Everything a resumed run needs (train
+state, input iterator position, boxes, config) is in the workdir's latest checkpoint, so
+starting the same command again continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from clu import periodic_actions
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType
+
+from bam_jax.data import ccrop, pipeline, sources
+from bam_jax.train import metrics_log, online
+from bam_jax.train.builder import build_training, validate_config
+from bam_jax.train.checkpoint import Checkpointer, abstract_like
+from bam_jax.train.step import shard_batch
+
+STEP_INPUTS = ('global', 'local', 'seed')  # what the step reads of a host batch
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients stopped being finite; the last good checkpoint stays."""
+
+
+class _Preemption:
+    """SIGTERM → save and stop. Several processes agree on the step through JAX's
+    preemption sync (the coordination service catches the signal); one process catches
+    it itself."""
+
+    def __init__(self):
+        self.requested = False
+        self._single = jax.process_count() == 1
+        if self._single:
+            self._previous = signal.signal(signal.SIGTERM, self._catch)
+
+    def _catch(self, signum, frame):
+        logging.warning('SIGTERM: saving a checkpoint after this step, then stopping.')
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if self._single:
+            return self.requested
+        return multihost_utils.reached_preemption_sync_point(step)
+
+    def restore(self):
+        if self._single:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def data_mesh() -> jax.sharding.Mesh:
+    """All devices of all processes on one 'data' axis (pure data parallelism)."""
+    return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(AxisType.Auto,))
+
+
+def _check_finite(step: int, metrics: dict[str, Any]):
+    values = {name: float(metrics[name]) for name in ('loss', 'grad_norm')}
+    if not all(np.isfinite(value) for value in values.values()):
+        raise NonFiniteError(
+            f'step {step}: non-finite {values}; stopping. The last good checkpoint is '
+            'kept: lower optimizer.lr or optimizer.clip_grad, or check the input data.')
+
+
+def _config_changes(saved: dict, current: dict, prefix: str = '') -> list[str]:
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _config_changes(old, new, f'{prefix}{key}.')
+        elif old != new:
+            changes.append(f'{prefix}{key}: {old!r} → {new!r}')
+    return changes
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir`.
+
+    Returns the last step, whether a SIGTERM stopped the run, and the last kNN results.
+    """
+    workdir = pathlib.Path(workdir)
+    main_process = jax.process_index() == 0
+
+    # ------------------------------------------------------------------------------
+    # Data: sources and durations (epochs → steps, once). Errors here come before
+    # any compilation.
+    # ------------------------------------------------------------------------------
+    mesh = data_mesh()
+    validate_config(config, jax.device_count())
+    train_source = sources.make_source(config.data)
+    if len(train_source) < config.batch_size:
+        raise sources.DataError(f'{config.data.source} split {config.data.split!r} has '
+                                f'{len(train_source)} images, fewer than one global batch '
+                                f'of {config.batch_size}.')
+    steps_per_epoch = len(train_source) // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    logging.info('%d images, %d steps per epoch, %d steps.', len(train_source),
+                 steps_per_epoch, total_steps)
+    if main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+
+    # ------------------------------------------------------------------------------
+    # Model, optimizer and state; resume from the latest checkpoint if there is one.
+    # ------------------------------------------------------------------------------
+    training = build_training(config, mesh, steps_per_epoch)
+    state = training.state
+    use_ccrop = bool(config.data.get('ccrop'))
+    checkpointer = Checkpointer(
+        workdir / 'checkpoints', max_to_keep=config.max_checkpoints,
+        save_interval_steps=config.checkpoint_every_steps, json_items=('data', 'config'),
+        array_items=('boxes',) if use_ccrop else ())
+    boxes = ccrop.initial_boxes(len(train_source)) if use_ccrop else None
+    data_state = None
+    if checkpointer.latest_step() is not None:
+        state, items = checkpointer.restore(abstract_like(state, mesh))
+        data_state = items['data']
+        boxes = items.get('boxes', boxes)
+        changes = _config_changes(items['config'], json.loads(config.to_json_best_effort()))
+        if changes:
+            logging.warning('Resuming with a changed config: %s', '; '.join(changes))
+        logging.info('Resumed from step %d.', int(state.step))
+    start_step = int(state.step)
+
+    def make_iterator(epoch: int):
+        """The input from the current position; boxes apply from their epoch on."""
+        boxes_now = boxes if use_ccrop and ccrop.use_boxes_in(
+            epoch, config.data.ccrop_warmup_epochs, config.data.ccrop_loc_interval) else None
+        iterator = iter(pipeline.make_train_pipeline(
+            config, train_source, process_index=jax.process_index(),
+            process_count=jax.process_count(), boxes=boxes_now))
+        if data_state is not None:
+            iterator.set_state(data_state)
+        return iterator
+
+    # ------------------------------------------------------------------------------
+    # Logging and checkpoint helpers.
+    # ------------------------------------------------------------------------------
+    writer = metrics_log.create_writer(workdir, main_process=main_process)
+    if start_step == 0:
+        writer.write_hparams(dict(_flatten(config.to_dict())))
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                             every_steps=config.log_every_steps)]
+    if main_process and config.get('profile_steps'):
+        hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
+                                              first_profile=start_step + 10,
+                                              logdir=str(workdir)))
+
+    def save(step: int, *, force: bool = False):
+        items = dict(data=iterator.get_state(), config=json.loads(
+            config.to_json_best_effort()))
+        if use_ccrop:
+            items['boxes'] = boxes
+        if checkpointer.save(step, state, force=force, **items):
+            logging.info('Saving checkpoint at step %d.', step)
+
+    # ------------------------------------------------------------------------------
+    # End of an epoch: ContrastiveCrop boxes and kNN on their schedules.
+    # ------------------------------------------------------------------------------
+    backbone = training.network.backbone
+    knn = (online.OnlineKnn(config, backbone, train_source, mesh)
+           if config.knn.every_epochs else None)
+    evaluation: dict[str, float] = {}
+
+    def end_of_epoch(epoch: int):
+        nonlocal boxes, data_state, iterator, evaluation
+        if knn is not None and ((epoch + 1) % config.knn.every_epochs == 0
+                                or epoch + 1 == config.epochs):
+            with hooks[0].timed('knn'):
+                evaluation = knn(state)
+            writer.write_scalars(step, evaluation)
+        restart_input = False
+        if use_ccrop:
+            warmup, interval = config.data.ccrop_warmup_epochs, config.data.ccrop_loc_interval
+            if ccrop.update_boxes_after(epoch, config.epochs, warmup, interval):
+                with hooks[0].timed('contrastive_crop_boxes'):
+                    boxes = online.contrastive_crop_boxes(config, backbone, state,
+                                                          train_source, mesh)
+                restart_input = ccrop.use_boxes_in(epoch + 1, warmup, interval)
+            restart_input |= (ccrop.use_boxes_in(epoch + 1, warmup, interval)
+                              != ccrop.use_boxes_in(epoch, warmup, interval))
+        if restart_input:  # the workers read the boxes when the iterator is made
+            data_state = iterator.get_state()
+            iterator.close()
+            iterator = make_iterator(epoch + 1)
+
+    # ------------------------------------------------------------------------------
+    # The loop.
+    # ------------------------------------------------------------------------------
+    preemption = _Preemption()
+    iterator = make_iterator(start_step // steps_per_epoch)
+    history: list[dict[str, jax.Array]] = []
+    previous = None  # the last step's metrics, checked while the next step runs
+    interval_start = time.time()
+    step = start_step
+    preempted = False
+    try:
+        while step < total_steps:
+            with jax.profiler.StepTraceAnnotation('train', step_num=step):
+                batch = next(iterator)
+                batch = shard_batch({key: batch[key] for key in STEP_INPUTS if key in batch},
+                                    mesh)
+                state, metrics = training.train_step(state, batch)
+            if previous is not None:
+                _check_finite(step, previous)
+            previous = metrics
+            history.append(metrics)
+            step += 1
+            for hook in hooks:
+                hook(step)
+
+            if step % config.log_every_steps == 0 or step == total_steps:
+                scalars = {name: float(np.mean([float(m[name]) for m in history]))
+                           for name in history[-1]}
+                elapsed = time.time() - interval_start
+                scalars['images_per_sec'] = len(history) * config.batch_size / elapsed
+                scalars['bad_images'] = float(iterator.bad_count)
+                writer.write_scalars(step, scalars)
+                history, interval_start = [], time.time()
+
+            epoch_done = step % steps_per_epoch == 0
+            if epoch_done:  # before the save, so a resumed run has this epoch's boxes
+                _check_finite(step, metrics)
+                end_of_epoch(step // steps_per_epoch - 1)
+            if preemption.reached(step):
+                _check_finite(step, metrics)
+                save(step, force=True)
+                logging.warning('Preempted: saved step %d; exiting.', step)
+                preempted = True
+                break
+            if step == total_steps or epoch_done or step % config.checkpoint_every_steps == 0:
+                _check_finite(step, metrics)
+                save(step, force=step == total_steps or epoch_done)
+    finally:
+        preemption.restore()
+        checkpointer.wait_until_finished()
+        if hasattr(iterator, 'close'):
+            iterator.close()
+    if not preempted and knn is not None and not evaluation:  # a finished run, again
+        evaluation = knn(state)
+    if evaluation:
+        logging.info('kNN (k=%d) at step %d: %s', config.knn.k, step, ', '.join(
+            f'{name} {value:.2f}%' for name, value in sorted(evaluation.items())))
+    writer.flush()
+    writer.close()
+    checkpointer.close()
+    return {'step': step, 'preempted': preempted, **evaluation}
+
+
+def _flatten(tree: dict, prefix: str = ''):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f'{prefix}{key}.')
+        else:
+            yield f'{prefix}{key}', value if isinstance(value, (int, float, str, bool)) \
+                else str(value)

@@ -1,0 +1,81 @@
+"""The run's metric writers: TensorBoard and console (clu), plus a JSON-lines file.
+
+`metrics.jsonl` holds every logged scalar at full float precision, one line per step,
+so runs can be compared exactly (resume tests) and plotted without TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping
+
+from clu import metric_writers
+from clu.metric_writers import interface
+
+
+class JsonLinesWriter(interface.MetricWriter):
+    """Appends `{"step": s, name: value, ...}` lines; ignores non-scalar summaries."""
+
+    def __init__(self, path: str | pathlib.Path):
+        path = pathlib.Path(path)
+        cut_short = path.exists() and not path.read_bytes().endswith(b'\n')
+        self._file = open(path, 'a', encoding='utf-8')
+        if cut_short and path.stat().st_size:  # a kill mid-line: start on a fresh line
+            self._file.write('\n')
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        line = {'step': int(step), **{name: float(value) for name, value in scalars.items()}}
+        self._file.write(json.dumps(line) + '\n')
+        self._file.flush()
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def create_writer(workdir: str | pathlib.Path, *, main_process: bool):
+    """TensorBoard + console + JSON lines on the main process; console elsewhere."""
+    if not main_process:
+        return metric_writers.create_default_writer(just_logging=True)
+    workdir = pathlib.Path(workdir)
+    return metric_writers.MultiWriter([
+        metric_writers.create_default_writer(str(workdir)),
+        JsonLinesWriter(workdir / 'metrics.jsonl')])
+
+
+def read_metrics(workdir: str | pathlib.Path) -> dict[int, dict[str, float]]:
+    """`metrics.jsonl` as {step: scalars}; a step logged twice (after a resume) keeps
+    its last values, and a line cut short by a kill is ignored."""
+    metrics: dict[int, dict[str, float]] = {}
+    path = pathlib.Path(workdir) / 'metrics.jsonl'
+    for line in path.read_text().splitlines():
+        try:
+            scalars = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        metrics.setdefault(scalars.pop('step'), {}).update(scalars)
+    return metrics

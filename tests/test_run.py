@@ -1,0 +1,223 @@
+"""`train.py` end to end, as users run it: subprocesses on simulated devices.
+
+One uninterrupted reference run (1 process × 4 devices, the tiny MNIST config, every
+step logged) is compared with runs that were killed, preempted, resumed onto another
+device count, or split over two processes on 127.0.0.1.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bam_jax.data import sources
+from bam_jax.train import builder, loop, metrics_log, online
+from bam_jax.train.checkpoint import Checkpointer, abstract_like
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / 'tests' / 'run_configs' / 'tiny_mnist.py'
+STEPS = 62  # one epoch of 4,000 digits at batch 64
+
+
+def load_config(path=TINY):
+    spec = importlib.util.spec_from_file_location('run_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def command(workdir, *flags, config=TINY):
+    return [sys.executable, str(REPO / 'train.py'), f'--config={config}',
+            f'--workdir={workdir}', *flags]
+
+
+def environment(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    return env
+
+
+def start(workdir, *flags, devices=4):
+    """A background run whose output goes to `workdir/../<name>.log`."""
+    log = open(f'{workdir}.log', 'a')
+    return subprocess.Popen(command(workdir, *flags), env=environment(devices), cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(process, workdir, timeout=600) -> int:
+    code = process.wait(timeout=timeout)
+    print(pathlib.Path(f'{workdir}.log').read_text()[-3000:])
+    return code
+
+
+def losses(workdir) -> dict[int, float]:
+    return {step: scalars['loss'] for step, scalars in metrics_log.read_metrics(workdir).items()
+            if 'loss' in scalars}
+
+
+def wait_for_step(workdir, step: int, process, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, pathlib.Path(f'{workdir}.log').read_text()[-3000:]
+        if (pathlib.Path(workdir) / 'metrics.jsonl').exists() and max(
+                losses(workdir), default=0) >= step:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f'{workdir} did not reach step {step}')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp('reference') / 'run'
+    assert finish(start(workdir), workdir) == 0
+    return workdir
+
+
+def test_typo_in_an_override_fails_at_once(tmp_path):
+    result = subprocess.run(command(tmp_path / 'run', '--config.optimizer.lrr=1'),
+                            env=environment(1), cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert 'lrr' in result.stderr and 'optimizer' in result.stderr
+    assert not (tmp_path / 'run').exists()  # nothing written
+
+
+def test_bad_values_name_the_key(tmp_path):
+    result = subprocess.run(command(tmp_path / 'run', '--config.batch_size=63'),
+                            env=environment(4), cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert 'config.batch_size=63 is not divisible by the 4 devices' in result.stderr
+
+
+def test_short_run_learns_and_saves_its_config(reference):
+    config = json.loads((reference / 'config.json').read_text())
+    assert config['batch_size'] == 64 and config['model']['embed_dim'] == 64  # overrides
+    metrics = metrics_log.read_metrics(reference)
+    assert sorted(losses(reference)) == list(range(1, STEPS + 1))
+    first = np.mean([metrics[s]['loss'] for s in range(1, 6)])
+    last = np.mean([metrics[s]['loss'] for s in range(STEPS - 4, STEPS + 1)])
+    assert last < first - 0.1
+    for name in ('learning_rate', 'weight_decay', 'teacher_momentum', 'sinkhorn_reg',
+                 'grad_norm', 'param_norm', 'source_entropy', 'target_entropy',
+                 'embedding_std', 'images_per_sec'):
+        assert np.isfinite(metrics[STEPS][name]), name
+    # kNN of the trained teacher against the same backbone at random initialisation.
+    trained = metrics[STEPS]['knn/teacher_top1']
+    assert 0 <= trained <= 100 and metrics[STEPS]['knn/teacher_top5'] >= trained
+    assert trained > random_init_knn() + 3
+    assert (reference / 'checkpoints' / str(STEPS)).is_dir()
+    assert list(reference.glob('events.out.tfevents.*'))  # TensorBoard
+
+
+def random_init_knn() -> float:
+    config = load_config()
+    mesh = loop.data_mesh()
+    training = builder.build_training(config, mesh, steps_per_epoch=STEPS)
+    knn = online.OnlineKnn(config, training.network.backbone,
+                           sources.make_source(config.data), mesh)
+    return knn(training.state)['knn/teacher_top1']
+
+
+def test_kill_9_then_restart_gives_the_uninterrupted_losses(reference, tmp_path):
+    workdir = tmp_path / 'run'
+    process = start(workdir)
+    wait_for_step(workdir, 25, process)
+    process.kill()
+    process.wait()
+    resumed_from = Checkpointer(workdir / 'checkpoints').latest_step()
+    assert resumed_from is not None and 10 <= resumed_from <= 60
+    assert finish(start(workdir), workdir) == 0
+    assert f'Resumed from step {resumed_from}.' in pathlib.Path(f'{workdir}.log').read_text()
+    assert losses(workdir) == losses(reference)  # exactly
+
+
+def test_sigterm_saves_then_resumes_onto_two_devices(reference, tmp_path):
+    workdir = tmp_path / 'run'
+    process = start(workdir)
+    wait_for_step(workdir, 13, process)
+    process.send_signal(signal.SIGTERM)
+    assert finish(process, workdir) == 128 + signal.SIGTERM
+    log = pathlib.Path(f'{workdir}.log').read_text()
+    saved = int(log.split('Preempted: saved step ')[1].split(';')[0])
+    assert saved >= 13 and saved in Checkpointer(workdir / 'checkpoints').all_steps()
+    assert finish(start(workdir, devices=2), workdir) == 0  # 4 → 2 devices
+    resumed = losses(workdir)
+    expected = losses(reference)
+    assert sorted(resumed) == sorted(expected)
+    for step in range(saved + 1, STEPS + 1):  # another device count: float rounding only
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4), step
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(reference, tmp_path):
+    workdir = tmp_path / 'run'
+    address = f'--coordinator_address=127.0.0.1:{free_port()}'
+    processes = [start(workdir, address, '--num_processes=2', f'--process_id={index}',
+                       devices=2) for index in range(2)]
+    assert [finish(process, workdir) for process in processes] == [0, 0]
+    two, one = losses(workdir), losses(reference)
+    assert sorted(two) == sorted(one)
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    metrics = metrics_log.read_metrics(workdir)[STEPS]
+    assert metrics['knn/teacher_top1'] == pytest.approx(
+        metrics_log.read_metrics(reference)[STEPS]['knn/teacher_top1'], abs=0.2)
+
+
+def test_nan_input_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path,
+                                                            monkeypatch):
+    workdir = tmp_path / 'run'
+    shutil.copytree(reference, workdir)
+    config = load_config()
+    config.epochs = 2  # continue after the reference's last checkpoint ...
+    real_augment = builder.augment_crops
+
+    def poisoned(batch, config_crops, rng):  # ... on crops that are all NaN
+        augmented = real_augment(batch, config_crops, rng)
+        return {key: value * np.nan if key in ('global', 'local') else value
+                for key, value in augmented.items()}
+
+    monkeypatch.setattr(builder, 'augment_crops', poisoned)
+    with pytest.raises(loop.NonFiniteError, match=f'step {STEPS + 1}: non-finite'):
+        loop.train_and_evaluate(config, str(workdir))
+    assert Checkpointer(workdir / 'checkpoints').latest_step() == STEPS
+
+
+def test_contrastive_crop_boxes_update_on_schedule_and_resume(tmp_path):
+    config = load_config()
+    config.epochs = 3
+    config.knn.every_epochs = 0
+    config.data.update(source='synthetic', synthetic_num_examples=128,
+                       synthetic_image_shape=(40, 48), ccrop=True, ccrop_warmup_epochs=0,
+                       ccrop_loc_interval=1, ccrop_image_size=32)
+    # Boxes after epochs 0 and 1 (not after the last), used from epoch 2 on.
+    result = loop.train_and_evaluate(config, str(tmp_path))
+    assert result['step'] == 6 and not result['preempted']
+    mesh = loop.data_mesh()
+    training = builder.build_training(config, mesh, steps_per_epoch=2)
+    checkpointer = Checkpointer(tmp_path / 'checkpoints', array_items=('boxes',),
+                                json_items=('data', 'config'))
+    assert {2, 4, 6} <= set(checkpointer.all_steps())
+    state, items = checkpointer.restore(abstract_like(training.state, mesh), step=4)
+    source = sources.make_source(config.data)
+    expected = online.contrastive_crop_boxes(config, training.network.backbone, state,
+                                             source, mesh)  # the update after epoch 1
+    np.testing.assert_array_equal(items['boxes'], expected)
+    assert items['boxes'].shape == (128, 4)
+    assert (items['boxes'][:, :2] < items['boxes'][:, 2:]).all()

@@ -1,0 +1,110 @@
+r"""Pretrains a backbone with BAM.
+
+  python train.py                                  # the embedded MNIST default, on a CPU
+  python train.py --config=configs/vit_small_imagenet.py --workdir=DIR \
+    --config.data.data_dir=gs://BUCKET/tensorflow_datasets --config.epochs=100
+
+Starting the same command again resumes from the workdir's latest checkpoint. On TPU pods
+and SLURM jobs `jax.distributed` is initialised from the environment; elsewhere pass
+--coordinator_address, --num_processes and --process_id to every process.
+"""
+
+import logging as python_logging
+import os
+import signal
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+
+
+def _override_error(argv, error) -> str:
+    """A misspelt `--config.<key>` as one line (ml_collections raises a KeyError)."""
+    override = next((arg for arg in argv[1:] if arg.startswith('--config.')), '')
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    message = str(error.args[0] if error.args else error).replace('\n', ' ')
+    return (f'{override.split("=")[0]}: no such config key ({message}). '
+            'The config file lists the keys.')
+
+
+try:  # With the default config file, overrides are applied here already.
+    _CONFIG = config_flags.DEFINE_config_file(
+        'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
+                               'mnist.py'),
+        'A configs/*.py file; override keys with --config.<key>=<value>.', lock_config=True)
+except (AttributeError, KeyError) as error:
+    sys.exit(f'error: {_override_error(sys.argv, error)}')
+except flags.Error as error:  # a value of the wrong type
+    sys.exit(f'error: {error}')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Logs, checkpoints and the resolved config go here '
+    '(default: runs/<config file name>).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for multi-process runs that '
+    'JAX cannot detect (TPU pods and SLURM are detected).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0-based.')
+
+
+def _cluster_detected() -> bool:
+    """A multi-process launch that `jax.distributed.initialize()` can read by itself."""
+    if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+        return True
+    return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '') or bool(
+        os.environ.get('JAX_COORDINATOR_ADDRESS'))
+
+
+class _QuietLibraries:
+    """Keeps orbax's and grain's per-save / per-iterator INFO lines out of the run's log."""
+
+    def filter(self, record) -> bool:
+        noisy = '/orbax/' in record.pathname or '/grain/' in record.pathname
+        return record.levelno >= python_logging.WARNING or not noisy
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    import jax  # after flag parsing, so --help and flag errors are instant
+
+    if _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                   _PROCESS_ID.value)
+    elif _cluster_detected():
+        jax.distributed.initialize()
+
+    from bam_jax.data.sources import DataError
+    from bam_jax.train.builder import ConfigError
+    from bam_jax.train.checkpoint import CheckpointError
+    from bam_jax.train.loop import NonFiniteError, train_and_evaluate
+
+    config = _CONFIG.value
+    config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+    config_name = os.path.splitext(os.path.basename(config_file))[0]
+    workdir = _WORKDIR.value or os.path.join('runs', config_name)
+    logging.info('JAX process %d of %d, %d local / %d devices; workdir %s.',
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), workdir)
+    try:
+        result = train_and_evaluate(config, workdir)
+    except (ConfigError, DataError, CheckpointError, NonFiniteError) as error:
+        sys.exit(f'error: {error}')
+    if result['preempted']:
+        sys.exit(128 + signal.SIGTERM)  # stopped early, resumable: as if killed by it
+
+
+def _parse_flags(argv):
+    """absl's parsing, with a misspelt `--config.<key>` reported as a flag error."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:
+        sys.exit(f'error: {_override_error(argv, error)}')
+    except flags.Error as error:
+        sys.exit(f'error: {error}')
+
+
+if __name__ == '__main__':
+    app.run(main, flags_parser=_parse_flags)
