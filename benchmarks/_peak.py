@@ -2,8 +2,9 @@
 
 Every benchmark reports its throughput as a fraction of this peak, measured in the same
 run: on a shared machine only ratios taken close together in time mean anything.
-The peak is the faster of NumPy's and JAX's 4096³ fp32 matmul, timed alternately
-(one NumPy product, one JAX product, and so on), best of `repeats` each.
+The peak is the faster of NumPy's and JAX's 4096³ fp32 matmul, timed in turns with
+the workload being measured (one NumPy product, one JAX product, one workload call,
+and again), best of `repeats` each.
 """
 
 from __future__ import annotations
@@ -44,14 +45,22 @@ def matmul_runners(size: int = SIZE) -> dict[str, Callable[[], object]]:
             'jax': lambda: product(a_device, b_device).block_until_ready()}
 
 
-def measure_peak(repeats: int = 5, size: int = SIZE) -> dict[str, float]:
-    """GFLOP/s of NumPy and JAX, alternated, and the peak (the faster of the two)."""
+def measure_peak(repeats: int = 5, size: int = SIZE,
+                 also: dict[str, Callable[[], object]] | None = None) -> dict:
+    """GFLOP/s of NumPy and JAX and the peak (the faster), timed in turns.
+
+    Each round times one NumPy product, one JAX product and one call of every function
+    in `also` (the workloads being measured), so all of them see the same background
+    load; the best of `repeats` rounds is kept. Their best times are returned under
+    `seconds`.
+    """
     runners = matmul_runners(size)
-    best = {name: float('inf') for name in runners}
+    workloads = {**runners, **(also or {})}
+    best = {name: float('inf') for name in workloads}
     for _ in range(repeats):
-        for name, run in runners.items():
+        for name, run in workloads.items():
             best[name] = min(best[name], best_seconds(run, 1))
-    gflops = {f'{name}_gflops': matmul_flops(size) / seconds / 1e9
-              for name, seconds in best.items()}
+    gflops = {f'{name}_gflops': matmul_flops(size) / best[name] / 1e9 for name in runners}
     source = max(runners, key=lambda name: gflops[f'{name}_gflops'])
-    return {**gflops, 'peak_gflops': gflops[f'{source}_gflops'], 'peak_source': source}
+    return {**gflops, 'peak_gflops': gflops[f'{source}_gflops'], 'peak_source': source,
+            'seconds': {name: best[name] for name in also or {}}}
