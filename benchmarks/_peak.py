@@ -9,6 +9,7 @@ and again), best of `repeats` each.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -56,11 +57,14 @@ def measure_peak(repeats: int = 5, size: int = SIZE,
     """
     runners = matmul_runners(size)
     workloads = {**runners, **(also or {})}
+    load_before = os.getloadavg()[0]
     best = {name: float('inf') for name in workloads}
     for _ in range(repeats):
         for name, run in workloads.items():
             best[name] = min(best[name], best_seconds(run, 1))
     gflops = {f'{name}_gflops': matmul_flops(size) / best[name] / 1e9 for name in runners}
     source = max(runners, key=lambda name: gflops[f'{name}_gflops'])
+    # Other processes on the machine: the 1-minute load average around the measurement.
     return {**gflops, 'peak_gflops': gflops[f'{source}_gflops'], 'peak_source': source,
+            'load_average': [load_before, os.getloadavg()[0]],
             'seconds': {name: best[name] for name in also or {}}}

@@ -97,7 +97,7 @@ def main():
           f"crops, D={DIM}, teacher, masking, 3 Sinkhorn sweeps; best of {args.repeats}")
     print(f"peak {peak['peak_gflops']:.0f} GFLOP/s ({peak['peak_source']}; numpy "
           f"{peak['numpy_gflops']:.0f}, jax {peak['jax_gflops']:.0f}), timed in turns "
-          f"with the loss")
+          f"with the loss; load average {peak['load_average'][0]:.1f}")
     print(f"{'b':>5} {'top-k':>6} {'ms':>8} {'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>8} "
           f"{'temp MiB':>9} {'args MiB':>9}")
     for row in rows:

@@ -124,7 +124,7 @@ def main():
               f"{result['gflops'] / numpy_gflops:8.2f}  {flags or note}")
     print(f"\nIn one process, alternated: numpy {peak['numpy_gflops']:.1f}, "
           f"jax {peak['jax_gflops']:.1f} GFLOP/s -> peak {peak['peak_gflops']:.1f} "
-          f"({peak['peak_source']})")
+          f"({peak['peak_source']}); load average {peak['load_average'][0]:.1f}")
     print(json.dumps({'benchmark': 'matmul_peak', 'size': _peak.SIZE, **peak,
                       'variants': {name: best[name] for name, *_ in VARIANTS}}))
 

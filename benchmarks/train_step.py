@@ -163,7 +163,8 @@ def measure(name: str, n_steps: int, profile: bool, uint8: bool) -> dict:
         hlo_gflop_per_image=cost.get('flops', float('nan')) / config.batch_size / 1e9,
         gflops=flops * config.batch_size / best / 1e9, peak_gflops=peak_gflops,
         mfu=flops * config.batch_size / best / 1e9 / peak_gflops,
-        temp_gib=compiled.memory_analysis().temp_size_in_bytes / 2 ** 30)
+        temp_gib=compiled.memory_analysis().temp_size_in_bytes / 2 ** 30,
+        load_average=peak['load_average'])
     if name == 'vit_small':
         result['vs_pytorch'] = result['images_per_second'] / PYTORCH_VIT_SMALL_IMAGES_PER_SECOND
     if profile:
@@ -191,6 +192,8 @@ def main():
               f"{r['gflop_per_image']:9.1f} {r['hlo_gflop_per_image']:13.1f} "
               f"{r['gflops']:8.1f} {r['peak_gflops']:6.0f} {r['mfu']:6.1%} "
               f"{r['temp_gib']:8.2f}")
+        print(f"  load average {r['load_average'][0]:.1f} before, "
+              f"{r['load_average'][1]:.1f} after")
         if 'vs_pytorch' in r:
             print(f"  vs the official PyTorch step (7.1 s for 8 images): "
                   f"{r['vs_pytorch']:.2f}x the images/s")
