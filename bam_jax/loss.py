@@ -52,8 +52,13 @@ def _pmax(x, axis_name):
 
 
 def _all_gather_images(x, axis_name):
-    """[crops, b, D] per device -> [crops, devices·b, D], images in global order."""
-    return x if axis_name is None else lax.all_gather(x, axis_name, axis=1, tiled=True)
+    """[crops, b, D] per device -> [crops, devices·b, D], images in global order.
+
+    On a one-device axis the gather is skipped: XLA:CPU would still copy the columns.
+    """
+    if axis_name is None or lax.axis_size(axis_name) == 1:
+        return x
+    return lax.all_gather(x, axis_name, axis=1, tiled=True)
 
 
 def _device_index(axis_name):
