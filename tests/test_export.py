@@ -21,8 +21,8 @@ import pytest
 from bam_jax import export
 from bam_jax import train as train_lib
 from bam_jax.models.multicrop import build_network
-from bam_jax.models.timm_names import (ArchitectureMismatch, flax_to_timm, timm_backbone,
-                                       timm_to_flax)
+from bam_jax.models import torch_layout
+from bam_jax.models.timm_names import ArchitectureMismatch, timm_backbone
 from bam_jax.models.vit import vit
 from bam_jax.train.checkpoint import Checkpointer
 from conftest import data_mesh
@@ -361,7 +361,8 @@ def test_failed_write_leaves_no_file(tmp_path):
 
 def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match=r"no timm conversion for config.model.name "
-                                         r"'resnet'; known: \['vit'\]"):
+                                         r"'resnet'; known: \['caformer_m36', "
+                                         r"'resnet50', 'vit'\]"):
         timm_backbone('resnet')
 
 
@@ -382,7 +383,7 @@ def test_generic_conversion_of_batch_norm_backbones():
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda leaf: rng.normal(size=leaf.shape).astype(np.float32),
                              abstract)
-    state_dict = flax_to_timm(variables)
+    state_dict = torch_layout.to_state_dict(variables)
     assert {key: value.shape for key, value in state_dict.items()} == {
         'conv1.weight': (8, 3, 3, 3), 'bn1.weight': (8,), 'bn1.bias': (8,),
         'bn1.running_mean': (8,), 'bn1.running_var': (8,), 'bn1.num_batches_tracked': (),
@@ -391,6 +392,6 @@ def test_generic_conversion_of_batch_norm_backbones():
                                   variables['params']['conv1']['kernel'][0, 1, 2, 5])
     np.testing.assert_array_equal(state_dict['bn1.running_var'],
                                   variables['batch_stats']['bn1']['var'])
-    back = timm_to_flax(state_dict, abstract)
+    back = torch_layout.from_state_dict(state_dict, abstract)
     for path, leaf in leaves_with_paths(variables).items():
         np.testing.assert_array_equal(leaves_with_paths(back)[path], leaf)
