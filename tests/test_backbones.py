@@ -124,7 +124,7 @@ def test_batch_norm_is_torchs():
 # ------------------------------------------------------- training on a mesh, and init
 
 
-def _tiny_config(config_module, model):
+def tiny_backbone_config(config_module, model):
     config = config_module.get_config()
     config.batch_size = 8
     config.epochs = 10
@@ -150,7 +150,7 @@ def _place(batch, mesh):
 
 def _training(config_module, model):
     """A tiny run on 4 devices and a copy of its initial params (the step donates)."""
-    config = _tiny_config(config_module, model)
+    config = tiny_backbone_config(config_module, model)
     training = train_lib.build_training(config, data_mesh(4), steps_per_epoch=5,
                                         rng=_key())
     return config, training, jax.device_get(training.state.params)
