@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from bam_jax import export
 from bam_jax import train as train_lib
@@ -362,16 +363,13 @@ def _perturbed(tree, rng):
     misnamed leaf; conv and dense kernels keep their init."""
     def perturb(path, leaf):
         name = path[-1].key
-        if leaf.ndim != 1 or name == 'kernel':
+        if leaf.ndim != 1 or name not in ('scale', 'bias', 'mean', 'var'):
             return leaf
-        if name == 'var':
-            values = rng.uniform(0.5, 1.5, leaf.shape)
-        elif name in ('scale', 'bias', 'mean'):
-            scale = name == 'scale'
-            values = rng.uniform(0.4, 1.2, leaf.shape) if scale else rng.normal(
-                scale=0.1, size=leaf.shape)
+        if name in ('scale', 'var'):
+            low, high = (0.4, 1.2) if name == 'scale' else (0.5, 1.5)
+            values = rng.uniform(low, high, leaf.shape)
         else:
-            return leaf
+            values = rng.normal(scale=0.1, size=leaf.shape)
         return jax.device_put(values.astype(np.float32), leaf.sharding)
     return jax.tree_util.tree_map_with_path(perturb, tree)
 
@@ -443,9 +441,7 @@ def test_resnet_and_caformer_round_trip(backbone_exports):
         assert got.keys() == want.keys()
         for path, leaf in want.items():
             np.testing.assert_array_equal(got[path], leaf, err_msg=f'{name} {path}')
-    resnet_file = backbone_exports['resnet50'][3]['file']
-    from safetensors.numpy import load_file
-    state_dict = load_file(resnet_file)
+    state_dict = load_file(backbone_exports['resnet50'][3]['file'])
     assert state_dict['layer1.0.bn3.num_batches_tracked'].dtype == np.int64
     np.testing.assert_array_equal(
         state_dict['layer1.0.bn3.running_var'],
