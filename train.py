@@ -18,7 +18,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 
-
 def _override_error(argv, error) -> str:
     """A misspelt `--config.<key>` as one line (ml_collections raises a KeyError)."""
     override = next((arg for arg in argv[1:] if arg.startswith('--config.')), '')

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import AxisType
 
 from bam_jax.models.multicrop import build_network
-from bam_jax.models.timm_names import ArchitectureMismatch, timm_backbone
+from bam_jax.models.timm_names import ArchitectureMismatch, create_model_line, timm_backbone
 from bam_jax.train import build_training
 from bam_jax.train import checkpoint as checkpoint_lib
 
@@ -178,22 +178,21 @@ def backbone_variables(state, weights: str) -> dict[str, Any]:
 # The timm model and the lines that load a file into it.
 # ---------------------------------------------------------------------------
 def timm_spec(model_config: Mapping[str, Any]) -> dict[str, Any]:
-    """{'model_name', 'model_kwargs'} of the timm model equal to `config.model`'s."""
-    name, kwargs = timm_backbone(model_config['name']).model_spec(model_config)
-    return {'model_name': name, 'model_kwargs': kwargs}
+    """The spec (`timm_names`) of the timm model equal to `config.model`'s, as the JSON
+    beside an export holds it (tuples become lists), so the two compare equal."""
+    spec = timm_backbone(model_config['name']).model_spec(model_config)
+    return json.loads(json.dumps(spec))
 
 
 def load_lines(spec: Mapping[str, Any], path: pathlib.Path, file_format: str) -> list[str]:
     """Python lines that build the timm model and load `path` into it, strictly."""
-    arguments = ''.join(f', {key}={value!r}' for key, value in spec['model_kwargs'].items())
     if file_format == 'safetensors':
         head = ['import timm', 'from safetensors.torch import load_file']
         read = f'load_file({str(path)!r})'
     else:
         head = ['import timm', 'import torch']
         read = f"torch.load({str(path)!r}, map_location='cpu', weights_only=True)"
-    return head + [f'model = timm.create_model({spec["model_name"]!r}{arguments})',
-                   f'model.load_state_dict({read}, strict=True)']
+    return head + [create_model_line(spec), f'model.load_state_dict({read}, strict=True)']
 
 
 # ---------------------------------------------------------------------------
@@ -493,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {error}', file=sys.stderr)
         return 1
     print(f'wrote {summary["file"]}: {summary["weights"]} backbone of step '
-          f'{summary["step"]} ({summary["model_name"]})')
+          f'{summary["step"]} ({summary["model_name"] or summary["model_class"]})')
     print(f'wrote {pathlib.Path(summary["file"]).with_suffix(".json")}')
     if 'official_file' in summary:
         print(f'wrote {summary["official_file"]} (official BAM layout)')

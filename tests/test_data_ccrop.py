@@ -4,10 +4,14 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bam_jax.data import ccrop, crops as crops_lib, pipeline, sources
 from bam_jax.models import VisionTransformer
-from configs import vit_small_imagenet
+from bam_jax.models.caformer import CAFormer
+from bam_jax.train.builder import ConfigError
+from bam_jax.train.loop import train_and_evaluate
+from configs import caformer_m36_imagenet, resnet50_imagenet, vit_small_imagenet
 
 flags.FLAGS.mark_as_parsed()
 
@@ -72,6 +76,54 @@ def test_model_boxes_from_a_vit_and_crops_inside_them():
     centres = np.array([crops_lib.sample_crop_box(rng, 40, 40, (0.05, 0.25), box=boxes[0])
                         for _ in range(200)])
     assert np.all(centres[:, 0] + centres[:, 2] // 2 <= 0.3 * 40 + 1)
+
+
+def test_model_boxes_from_a_caformer_attention_map():
+    """CAFormer boxes come from its last attention block's query-averaged map [N, heads,
+    h, w], summed over heads, then the ViT's normalise / upsample / threshold."""
+    model = CAFormer(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
+    images = jax.random.normal(jax.random.key(0), (3, 96, 96, 3))
+    # Random weights (N(0, 0.2) kernels, norms near 1) without compiling the init.
+    rng = np.random.default_rng(1)
+    shapes = jax.eval_shape(model.init, jax.random.key(1), images[:1])
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: ((path[-1].key == 'scale') + 0.2 * rng.normal(
+            size=leaf.shape)).astype(np.float32), shapes)
+
+    @jax.jit
+    def boxes_and_maps(variables, images):
+        maps = model.apply(variables, images, return_attention=True,
+                           method=model.encode)['attention_map']
+        return ccrop.model_boxes(model, variables, images), maps
+
+    boxes, maps = (np.asarray(array) for array in boxes_and_maps(variables, images))
+    assert boxes.shape == (3, 4)
+    assert np.all((0 <= boxes) & (boxes <= 1))
+    assert np.all(boxes[:, 0] <= boxes[:, 2]) and np.all(boxes[:, 1] <= boxes[:, 3])
+    # The reference: the same map (3×3 over the last stage, 2 heads) through NumPy.
+    assert maps.shape == (3, 2, 3, 3)
+    for image in range(3):
+        summed = maps[image].astype(np.float64).sum(0)
+        summed = summed - summed.min()
+        upsampled = _torch_bilinear(summed / (summed.max() + 1e-5), 96)
+        rows = np.flatnonzero(upsampled.max(1) > 0.1)
+        columns = np.flatnonzero(upsampled.max(0) > 0.1)
+        expected = np.array([rows[0], columns[0], rows[-1], columns[-1]]) / 96
+        np.testing.assert_allclose(boxes[image], expected, atol=1e-6)
+    assert not np.all(boxes == [0, 0, 95 / 96, 95 / 96])  # not all whole images
+
+
+def test_training_refuses_contrastive_crop_without_attention(tmp_path):
+    """A ResNet has no attention map to crop by: the run stops before reading data."""
+    config = resnet50_imagenet.get_config()
+    config.data.ccrop = True
+    with pytest.raises(ConfigError, match=r"config.data.ccrop=True needs attention maps, "
+                                          r"which the 'resnet50' backbone has none of; "
+                                          r"set config.data.ccrop=False"):
+        train_and_evaluate(config, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    config = caformer_m36_imagenet.get_config()
+    assert config.data.ccrop  # the official CAFormer run crops by attention
 
 
 def test_official_schedule():

@@ -17,15 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from bam_jax import export
 from bam_jax import train as train_lib
 from bam_jax.models.multicrop import build_network
-from bam_jax.models.timm_names import (ArchitectureMismatch, flax_to_timm, timm_backbone,
-                                       timm_to_flax)
+from bam_jax.models import torch_layout
+from bam_jax.models.timm_names import ArchitectureMismatch, timm_backbone
 from bam_jax.models.vit import vit
 from bam_jax.train.checkpoint import Checkpointer
 from conftest import data_mesh
+from configs import caformer_m36_imagenet, resnet50_imagenet
+from test_backbones import TINY_CAFORMER, TINY_RESNET, tiny_backbone_config
 from test_train import leaves_with_paths, place, random_batch, tiny_config
 
 TOLERANCE = 1e-4  # max |JAX - timm| in float32, CLS features and patch tokens
@@ -346,6 +349,105 @@ def test_command_errors_are_one_line_and_leave_no_file(tiny_run, tmp_path, capsy
     assert list(out.iterdir()) == []
 
 
+# ------------------------------------------------------------ ResNet and CAFormer
+
+BACKBONE_RUNS = {  # name: (config module, tiny `config.model` attributes)
+    'resnet50': (resnet50_imagenet, TINY_RESNET),
+    'caformer_m36': (caformer_m36_imagenet, TINY_CAFORMER),
+}
+
+
+def _perturbed(tree, rng):
+    """Random norm weights and biases (0.4-1.2, ±0.1) and BN statistics (mean ±0.1,
+    var 0.5-1.5) in place of init's ones and zeros, which would hide a swapped or
+    misnamed leaf; conv and dense kernels keep their init."""
+    def perturb(path, leaf):
+        name = path[-1].key
+        if leaf.ndim != 1 or name not in ('scale', 'bias', 'mean', 'var'):
+            return leaf
+        if name in ('scale', 'var'):
+            low, high = (0.4, 1.2) if name == 'scale' else (0.5, 1.5)
+            values = rng.uniform(low, high, leaf.shape)
+        else:
+            values = rng.normal(scale=0.1, size=leaf.shape)
+        return jax.device_put(values.astype(np.float32), leaf.sharding)
+    return jax.tree_util.tree_map_with_path(perturb, tree)
+
+
+@pytest.fixture(scope='module')
+def backbone_exports(tmp_path_factory):
+    """For a tiny ResNet and CAFormer: a workdir (step 0, teacher perturbed) exported by
+    the real command. Returns {name: (config, teacher variables, stdout, summary)}."""
+    runs = {}
+    rng = np.random.default_rng(0)
+    for name, (config_module, model) in BACKBONE_RUNS.items():
+        config = tiny_backbone_config(config_module, model)
+        # The 'rbg' generator compiles the init twice as fast here; the state's own key
+        # is then swapped for the default kind, which the exporter's abstract state has.
+        training = train_lib.build_training(config, data_mesh(2), steps_per_epoch=5,
+                                            rng=jax.random.key(0, impl='rbg'))
+        state = training.state.replace(
+            teacher_params=_perturbed(training.state.teacher_params, rng),
+            teacher_batch_stats=_perturbed(training.state.teacher_batch_stats, rng),
+            rng=jax.device_put(jax.random.PRNGKey(0), training.state.step.sharding))
+        workdir = tmp_path_factory.mktemp(name)
+        (workdir / 'config.json').write_text(config.to_json_best_effort())
+        checkpointer = Checkpointer(workdir / 'checkpoints', json_items=('config',))
+        checkpointer.save(0, state, config=config.to_dict())
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        out = workdir / f'{name}.safetensors'
+        command = subprocess.run(
+            [sys.executable, '-m', 'bam_jax.export', '--workdir', str(workdir),
+             '--out', str(out)], capture_output=True, text=True, cwd=REPOSITORY,
+            check=False)
+        assert command.returncode == 0, command.stderr
+        runs[name] = (config, export.backbone_variables(jax.device_get(state), 'teacher'),
+                      command.stdout, json.loads(out.with_suffix('.json').read_text()))
+    return runs
+
+
+def test_resnet_and_caformer_exports_match_timm(backbone_exports, tmp_path):
+    """The printed lines, run as they are, load the files into real timm strictly, and
+    timm's pooled features equal the JAX backbone's."""
+    images = random_images([(64, 64), (40, 48)])
+    jobs = []
+    for name, (_, _, stdout, summary) in backbone_exports.items():
+        assert summary['load'] == [line.strip() for line in stdout.splitlines()[-4:]]
+        jobs.append(dict(name=name, lines=summary['load'], sizes=list(images)))
+    resnet_lines, caformer_lines = (backbone_exports[name][3]['load'] for name in
+                                    BACKBONE_RUNS)
+    assert "model = timm.create_model('resnet50', num_classes=0, layers=[1, 1, 1, 1], " \
+        "channels=[8, 16, 32, 64])" in resnet_lines
+    # timm registers caformer_m36 only at M36's shapes: the tiny one is its MetaFormer.
+    assert caformer_lines[2].startswith('model = timm.models.metaformer.MetaFormer(')
+    assert "mlp_act=timm.layers.get_act_layer('gelu')" in caformer_lines[2]
+    timm, _ = timm_features(jobs, images, tmp_path)
+    for name, (config, variables, _, _) in backbone_exports.items():
+        backbone = build_network(config).backbone
+        for size, batch in images.items():
+            features = np.asarray(jax.jit(backbone.apply)(variables, batch))
+            assert np.abs(features).max() > 0.1, (name, size)
+            difference = np.abs(timm[f'{name}/{size}/cls'] - features).max()
+            assert difference <= TOLERANCE, (name, size, difference)
+
+
+def test_resnet_and_caformer_round_trip(backbone_exports):
+    """JAX → export → import gives identical params, and the ResNet's BN statistics."""
+    for name, (config, variables, _, summary) in backbone_exports.items():
+        imported = export.import_backbone(summary['file'], config)
+        assert set(imported) == set(variables), name
+        got, want = leaves_with_paths(imported), leaves_with_paths(variables)
+        assert got.keys() == want.keys()
+        for path, leaf in want.items():
+            np.testing.assert_array_equal(got[path], leaf, err_msg=f'{name} {path}')
+    state_dict = load_file(backbone_exports['resnet50'][3]['file'])
+    assert state_dict['layer1.0.bn3.num_batches_tracked'].dtype == np.int64
+    np.testing.assert_array_equal(
+        state_dict['layer1.0.bn3.running_var'],
+        backbone_exports['resnet50'][1]['batch_stats']['layer1_0']['bn3']['var'])
+
+
 def test_failed_write_leaves_no_file(tmp_path):
     good = tmp_path / 'good.safetensors'
     bad = tmp_path / 'bad.safetensors'
@@ -361,7 +463,8 @@ def test_failed_write_leaves_no_file(tmp_path):
 
 def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match=r"no timm conversion for config.model.name "
-                                         r"'resnet'; known: \['vit'\]"):
+                                         r"'resnet'; known: \['caformer_m36', "
+                                         r"'resnet50', 'vit'\]"):
         timm_backbone('resnet')
 
 
@@ -382,7 +485,7 @@ def test_generic_conversion_of_batch_norm_backbones():
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda leaf: rng.normal(size=leaf.shape).astype(np.float32),
                              abstract)
-    state_dict = flax_to_timm(variables)
+    state_dict = torch_layout.to_state_dict(variables)
     assert {key: value.shape for key, value in state_dict.items()} == {
         'conv1.weight': (8, 3, 3, 3), 'bn1.weight': (8,), 'bn1.bias': (8,),
         'bn1.running_mean': (8,), 'bn1.running_var': (8,), 'bn1.num_batches_tracked': (),
@@ -391,6 +494,6 @@ def test_generic_conversion_of_batch_norm_backbones():
                                   variables['params']['conv1']['kernel'][0, 1, 2, 5])
     np.testing.assert_array_equal(state_dict['bn1.running_var'],
                                   variables['batch_stats']['bn1']['var'])
-    back = timm_to_flax(state_dict, abstract)
+    back = torch_layout.from_state_dict(state_dict, abstract)
     for path, leaf in leaves_with_paths(variables).items():
         np.testing.assert_array_equal(leaves_with_paths(back)[path], leaf)

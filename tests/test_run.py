@@ -1,8 +1,9 @@
 """`train.py` end to end, as users run it: subprocesses on simulated devices.
 
-One uninterrupted reference run (1 process × 4 devices, the tiny MNIST config, every
-step logged) is compared with runs that were killed, preempted, resumed onto another
-device count, or split over two processes on 127.0.0.1.
+One run of the MNIST default's first two epochs shows that BAM learns. A much smaller
+uninterrupted reference run (1 process × 4 devices, every step logged) is compared with
+runs that were killed, preempted, resumed onto another device count, or split over two
+processes on 127.0.0.1.
 """
 
 import importlib.util
@@ -26,7 +27,11 @@ from bam_jax.train.checkpoint import Checkpointer, abstract_like
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / 'tests' / 'run_configs' / 'tiny_mnist.py'
-STEPS = 62  # one epoch of 4,000 digits at batch 64
+STEPS = 62  # two epochs of 4,000 digits at batch 128
+# The reference's smaller network (command-line overrides), without kNN.
+SMALL = ('--config.model.embed_dim=32', '--config.model.depth=1', '--config.model.num_heads=2',
+         '--config.projector.hidden_dim=64', '--config.projector.out_dim=32',
+         '--config.crops.n_local=2', '--config.knn.every_epochs=0')
 
 
 def load_config(path=TINY):
@@ -34,6 +39,19 @@ def load_config(path=TINY):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def small_config():
+    """`load_config()` with the `SMALL` overrides applied, as `train.py` applies them."""
+    config = load_config()
+    for flag in SMALL:
+        key, value = flag[len('--config.'):].split('=')
+        *parents, leaf = key.split('.')
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = int(value)
+    return config
 
 
 def command(workdir, *flags, config=TINY):
@@ -47,9 +65,10 @@ def environment(devices: int) -> dict:
     return env
 
 
-def start(workdir, *flags, devices=4):
-    """A background run whose output goes to `workdir/../<name>.log`."""
+def start(workdir, *flags, devices=4, small=True):
+    """A background run (the small network unless `small=False`) logging to `workdir.log`."""
     log = open(f'{workdir}.log', 'a')
+    flags = (*SMALL, *flags) if small else flags
     return subprocess.Popen(command(workdir, *flags), env=environment(devices), cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT)
 
@@ -83,6 +102,14 @@ def reference(tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope='module')
+def learned(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp('learned') / 'run'
+    assert finish(start(workdir, '--config.checkpoint_every_steps=20', small=False),
+                  workdir) == 0
+    return workdir
+
+
 def test_typo_in_an_override_fails_at_once(tmp_path):
     result = subprocess.run(command(tmp_path / 'run', '--config.optimizer.lrr=1'),
                             env=environment(1), cwd=REPO, capture_output=True, text=True,
@@ -100,11 +127,11 @@ def test_bad_values_name_the_key(tmp_path):
     assert 'config.batch_size=63 is not divisible by the 4 devices' in result.stderr
 
 
-def test_short_run_learns_and_saves_its_config(reference):
-    config = json.loads((reference / 'config.json').read_text())
-    assert config['batch_size'] == 64 and config['model']['embed_dim'] == 64  # overrides
-    metrics = metrics_log.read_metrics(reference)
-    assert sorted(losses(reference)) == list(range(1, STEPS + 1))
+def test_short_run_learns_and_saves_its_config(learned):
+    config = json.loads((learned / 'config.json').read_text())
+    assert config['epochs'] == 2 and config['checkpoint_every_steps'] == 20  # override
+    metrics = metrics_log.read_metrics(learned)
+    assert sorted(losses(learned)) == list(range(1, STEPS + 1))
     first = np.mean([metrics[s]['loss'] for s in range(1, 6)])
     last = np.mean([metrics[s]['loss'] for s in range(STEPS - 4, STEPS + 1)])
     assert last < first - 0.1
@@ -112,12 +139,13 @@ def test_short_run_learns_and_saves_its_config(reference):
                  'grad_norm', 'param_norm', 'source_entropy', 'target_entropy',
                  'embedding_std', 'images_per_sec'):
         assert np.isfinite(metrics[STEPS][name]), name
-    # kNN of the trained teacher against the same backbone at random initialisation.
-    trained = metrics[STEPS]['knn/teacher_top1']
-    assert 0 <= trained <= 100 and metrics[STEPS]['knn/teacher_top5'] >= trained
-    assert trained > random_init_knn() + 3
-    assert (reference / 'checkpoints' / str(STEPS)).is_dir()
-    assert list(reference.glob('events.out.tfevents.*'))  # TensorBoard
+    # kNN of the student against the same backbone at random initialisation (the
+    # teacher, at momentum 0.99 → 1, follows more slowly: +2 points here).
+    trained = metrics[STEPS]['knn/student_top1']
+    assert 0 <= trained <= 100 and metrics[STEPS]['knn/student_top5'] >= trained
+    assert trained > random_init_knn() + 5
+    assert sorted(Checkpointer(learned / 'checkpoints').all_steps()) == [40, 60, 62]
+    assert list(learned.glob('events.out.tfevents.*'))  # TensorBoard
 
 
 def random_init_knn() -> float:
@@ -175,17 +203,14 @@ def test_two_processes_equal_one_process(reference, tmp_path):
     assert sorted(two) == sorted(one)
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
-    metrics = metrics_log.read_metrics(workdir)[STEPS]
-    assert metrics['knn/teacher_top1'] == pytest.approx(
-        metrics_log.read_metrics(reference)[STEPS]['knn/teacher_top1'], abs=0.2)
 
 
 def test_nan_input_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path,
                                                             monkeypatch):
     workdir = tmp_path / 'run'
     shutil.copytree(reference, workdir)
-    config = load_config()
-    config.epochs = 2  # continue after the reference's last checkpoint ...
+    config = small_config()
+    config.epochs = 3  # continue after the reference's last checkpoint ...
     real_augment = builder.augment_crops
 
     def poisoned(batch, config_crops, rng):  # ... on crops that are all NaN
@@ -200,10 +225,10 @@ def test_nan_input_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path,
 
 
 def test_contrastive_crop_boxes_update_on_schedule_and_resume(tmp_path):
-    config = load_config()
+    config = small_config()
     config.epochs = 3
     config.knn.every_epochs = 0
-    config.data.update(source='synthetic', synthetic_num_examples=128,
+    config.data.update(source='synthetic', synthetic_num_examples=256,
                        synthetic_image_shape=(40, 48), ccrop=True, ccrop_warmup_epochs=0,
                        ccrop_loc_interval=1, ccrop_image_size=32)
     # Boxes after epochs 0 and 1 (not after the last), used from epoch 2 on.
@@ -219,5 +244,5 @@ def test_contrastive_crop_boxes_update_on_schedule_and_resume(tmp_path):
     expected = online.contrastive_crop_boxes(config, training.network.backbone, state,
                                              source, mesh)  # the update after epoch 1
     np.testing.assert_array_equal(items['boxes'], expected)
-    assert items['boxes'].shape == (128, 4)
+    assert items['boxes'].shape == (256, 4)
     assert (items['boxes'][:, :2] < items['boxes'][:, 2:]).all()

@@ -297,23 +297,32 @@ def _model(model_config: Mapping[str, Any]) -> CAFormer:
 
 
 def timm_model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
-    """`timm.create_model(**kwargs)` arguments of the same network.
+    """The timm constructor and arguments of the same network, as JSON values.
 
-    The activations are timm layer names: resolve them with
-    `timm.layers.get_act_layer` (this module does not import torch). timm registers
-    `caformer_m36` with fixed depths and dims, so other shapes need timm's
-    `MetaFormer` class itself, with these kwargs plus `depths`, `dims` and the
-    CAFormer mixers and norms.
+    M36's depths and dims give `timm.create_model(**kwargs)` arguments ('model_name'
+    'caformer_m36'). timm registers CAFormers only with fixed depths and dims, so any
+    other shape names timm's `MetaFormer` class ('model_class') with `depths`, `dims`
+    and CAFormer's mixers and norms. Layers are named, since this module does not
+    import torch: activations ('mlp_act', 'act1_layer') for
+    `timm.layers.get_act_layer`, and the classes in 'token_mixers' and 'norm_layers'
+    from `timm.models.metaformer`.
     """
     model = _model(model_config)
-    if (tuple(model.depths), tuple(model.dims), model.head_dim) != (M36_DEPTHS, M36_DIMS,
-                                                                    32):
-        raise ValueError(f'timm registers caformer_m36 only with depths {M36_DEPTHS}, '
-                         f'dims {M36_DIMS} and head_dim 32, got {tuple(model.depths)}, '
-                         f'{tuple(model.dims)}, {model.head_dim}; build '
-                         f'timm.models.metaformer.MetaFormer directly.')
-    return {'model_name': 'caformer_m36', 'num_classes': 0, 'mlp_act': 'gelu',
-            'act1_layer': 'gelu', 'res_scale_init_values': (None, None, None, None)}
+    if model.head_dim != 32:
+        raise ValueError(f'timm CAFormers have head_dim 32, got {model.head_dim}.')
+    official = {'num_classes': 0, 'mlp_act': 'gelu', 'act1_layer': 'gelu',
+                'res_scale_init_values': (None,) * len(TOKEN_MIXERS)}
+    if (tuple(model.depths), tuple(model.dims)) == (M36_DEPTHS, M36_DIMS):
+        return {'model_name': 'caformer_m36', **official}
+    mixer_classes = {'sepconv': 'SepConv', 'attention': 'Attention'}
+    # As timm's caformer_*: channels-first norms before SepConv, channels-last before
+    # attention.
+    norm_classes = {'sepconv': 'LayerNorm2dNoBias', 'attention': 'LayerNormNoBias'}
+    return {'model_class': 'MetaFormer', 'depths': tuple(model.depths),
+            'dims': tuple(model.dims),
+            'token_mixers': tuple(mixer_classes[mixer] for mixer in TOKEN_MIXERS),
+            'norm_layers': tuple(norm_classes[mixer] for mixer in TOKEN_MIXERS),
+            **official}
 
 
 def to_timm(params, batch_stats=None) -> dict[str, np.ndarray]:
@@ -324,8 +333,9 @@ def to_timm(params, batch_stats=None) -> dict[str, np.ndarray]:
 
 def from_timm(state_dict: Mapping[str, Any]) -> tuple[dict, dict]:
     """(params, {}) from a timm CAFormer state dict, depths and dims read from the keys
-    (head_dim 32); raises ValueError naming any missing, unexpected or misshapen key.
-    A timm-default `caformer_m36` (StarReLU, res-scale) fails on its extra keys."""
+    (head_dim 32); raises `ArchitectureMismatch` (a ValueError) naming any missing,
+    unexpected or misshapen key. A timm-default `caformer_m36` (StarReLU, res-scale)
+    fails on its extra keys."""
     depths, dims = [], []
     for stage in range(len(TOKEN_MIXERS)):
         norm_key = f'stages.{stage}.blocks.0.norm1.weight'

@@ -165,21 +165,15 @@ def timm_model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def to_timm(params, batch_stats) -> dict[str, np.ndarray]:
-    """The timm `resnet50(num_classes=0)` state dict (loads with `strict=True`).
-
-    `num_batches_tracked` is written as 0: torch reads it only when BN momentum is None,
-    which timm's ResNet never uses.
-    """
-    state_dict = torch_layout.to_state_dict({'params': params, 'batch_stats': batch_stats})
-    for key in [key for key in state_dict if key.endswith('.running_mean')]:
-        state_dict[key.replace('.running_mean', '.num_batches_tracked')] = np.array(
-            0, np.int64)
-    return state_dict
+    """The timm `resnet50(num_classes=0)` state dict (loads with `strict=True`), BN
+    statistics as `running_mean`/`running_var` plus `num_batches_tracked`."""
+    return torch_layout.to_state_dict({'params': params, 'batch_stats': batch_stats})
 
 
 def from_timm(state_dict: Mapping[str, Any]) -> tuple[dict, dict]:
     """(params, batch_stats) from a timm ResNet state dict, its depths and width read
-    from the keys; raises ValueError naming any missing, unexpected or misshapen key."""
+    from the keys; raises `ArchitectureMismatch` (a ValueError) naming any missing,
+    unexpected or misshapen key."""
     for key in ('conv1.weight', 'layer1.0.conv1.weight'):
         if key not in state_dict:
             raise ValueError(f'Not a timm ResNet state dict: no {key!r} key.')
@@ -191,6 +185,5 @@ def from_timm(state_dict: Mapping[str, Any]) -> tuple[dict, dict]:
     model = ResNet(stage_depths=tuple(stage_depths),
                    width=int(np.shape(state_dict['layer1.0.conv1.weight'])[0]))
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-    variables = torch_layout.from_state_dict(state_dict, expected,
-                                             ignored_suffixes=('.num_batches_tracked',))
+    variables = torch_layout.from_state_dict(state_dict, expected)
     return variables['params'], variables['batch_stats']

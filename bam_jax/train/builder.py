@@ -18,6 +18,10 @@ from bam_jax.train.state import TrainState, create_train_state
 from bam_jax.train.step import loss_kwargs_from_config, make_train_step
 
 
+# Backbones whose `encode` gives the attention maps ContrastiveCrop boxes come from.
+ATTENTION_BACKBONES = ('vit', 'caformer_m36')
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and how to fix it."""
 
@@ -42,6 +46,10 @@ def validate_config(config, device_count: int):
     need(config.loss.top_k < config.batch_size * config.crops.n_global,
          f'config.loss.top_k={config.loss.top_k} must be below the number of target '
          f'columns, batch_size × n_global = {config.batch_size * config.crops.n_global}.')
+    need(not config.data.get('ccrop') or config.model.name in ATTENTION_BACKBONES,
+         f'config.data.ccrop=True needs attention maps, which the {config.model.name!r} '
+         f'backbone has none of; set config.data.ccrop=False or use one of '
+         f'{list(ATTENTION_BACKBONES)}.')
 
 
 def frozen_mask(params):
