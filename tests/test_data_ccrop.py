@@ -30,6 +30,15 @@ def _torch_bilinear(grid, size):
     return rows @ grid @ columns.T
 
 
+def _reference_box(summed: np.ndarray, size: int, threshold: float = 0.1) -> np.ndarray:
+    """The official box of one head-summed map, in NumPy: min-max, upsample, threshold."""
+    summed = summed - summed.min()
+    upsampled = _torch_bilinear(summed / (summed.max() + 1e-5), size)
+    rows = np.flatnonzero(upsampled.max(1) > threshold)
+    columns = np.flatnonzero(upsampled.max(0) > threshold)
+    return np.array([rows[0], columns[0], rows[-1], columns[-1]]) / size
+
+
 def test_box_is_where_the_cls_attention_is():
     rng = np.random.default_rng(0)
     attention = rng.uniform(0, 0.02, (2, 3, 1 + 49, 1 + 49))  # 7×7 patches, 3 heads
@@ -40,13 +49,9 @@ def test_box_is_where_the_cls_attention_is():
     boxes = np.asarray(ccrop.boxes_from_attention(jnp.asarray(attention, jnp.float32),
                                                   image_size=70, threshold=0.1))
     for image in range(2):
-        maps = attention[image, :, 0, 1:].sum(0).reshape(7, 7)
-        maps = maps - maps.min()
-        maps = _torch_bilinear(maps / (maps.max() + 1e-5), 70)
-        rows = np.flatnonzero(maps.max(1) > 0.1)
-        columns = np.flatnonzero(maps.max(0) > 0.1)
-        expected = np.array([rows[0], columns[0], rows[-1], columns[-1]]) / 70
-        np.testing.assert_allclose(boxes[image], expected, atol=1e-6)
+        np.testing.assert_allclose(
+            boxes[image],
+            _reference_box(attention[image, :, 0, 1:].sum(0).reshape(7, 7), 70), atol=1e-6)
     # The hot patches are rows 1-2, columns 4-5 of 7: pixels 10-29 and 40-59 of 70,
     # widened by the bilinear upsampling.
     assert 0.08 < boxes[0, 0] < 0.15 and 0.55 < boxes[0, 3] < 0.95
@@ -103,13 +108,9 @@ def test_model_boxes_from_a_caformer_attention_map():
     # The reference: the same map (3×3 over the last stage, 2 heads) through NumPy.
     assert maps.shape == (3, 2, 3, 3)
     for image in range(3):
-        summed = maps[image].astype(np.float64).sum(0)
-        summed = summed - summed.min()
-        upsampled = _torch_bilinear(summed / (summed.max() + 1e-5), 96)
-        rows = np.flatnonzero(upsampled.max(1) > 0.1)
-        columns = np.flatnonzero(upsampled.max(0) > 0.1)
-        expected = np.array([rows[0], columns[0], rows[-1], columns[-1]]) / 96
-        np.testing.assert_allclose(boxes[image], expected, atol=1e-6)
+        np.testing.assert_allclose(
+            boxes[image], _reference_box(maps[image].astype(np.float64).sum(0), 96),
+            atol=1e-6)
     assert not np.all(boxes == [0, 0, 95 / 96, 95 / 96])  # not all whole images
 
 
