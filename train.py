@@ -17,26 +17,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from bam_jax import command_line
 
-def _override_error(argv, error) -> str:
-    """A misspelt `--config.<key>` as one line (ml_collections raises a KeyError)."""
-    override = next((arg for arg in argv[1:] if arg.startswith('--config.')), '')
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
-    message = str(error.args[0] if error.args else error).replace('\n', ' ')
-    return (f'{override.split("=")[0]}: no such config key ({message}). '
-            'The config file lists the keys.')
-
-
-try:  # With the default config file, overrides are applied here already.
-    _CONFIG = config_flags.DEFINE_config_file(
-        'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
-                               'mnist.py'),
-        'A configs/*.py file; override keys with --config.<key>=<value>.', lock_config=True)
-except (AttributeError, KeyError) as error:
-    sys.exit(f'error: {_override_error(sys.argv, error)}')
-except flags.Error as error:  # a value of the wrong type
-    sys.exit(f'error: {error}')
+_CONFIG = command_line.define_config_file(
+    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'mnist.py'),
+    'A configs/*.py file; override keys with --config.<key>=<value>.')
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Logs, checkpoints and the resolved config go here '
     '(default: runs/<config file name>).')
@@ -95,15 +80,5 @@ def main(argv):
         sys.exit(128 + signal.SIGTERM)  # stopped early, resumable: as if killed by it
 
 
-def _parse_flags(argv):
-    """absl's parsing, with a misspelt `--config.<key>` reported as a flag error."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as error:
-        sys.exit(f'error: {_override_error(argv, error)}')
-    except flags.Error as error:
-        sys.exit(f'error: {error}')
-
-
 if __name__ == '__main__':
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=command_line.parse_flags)

@@ -3,6 +3,9 @@
 Every multi-device path is tested on meshes built from subsets of these devices.
 """
 import os
+import pathlib
+import subprocess
+import sys
 
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8'])
@@ -24,3 +27,45 @@ def data_mesh(n_devices: int) -> jax.sharding.Mesh:
 @pytest.fixture(params=[1, 2, 4, 8], ids=lambda n: f'{n}dev')
 def mesh(request):
     return data_mesh(request.param)
+
+
+# ---------------------------------------------------------------- train.py runs
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / 'tests' / 'run_configs' / 'tiny_mnist.py'
+# A smaller network than the tiny MNIST run's (command-line overrides), without kNN.
+SMALL = ('--config.model.embed_dim=32', '--config.model.depth=1', '--config.model.num_heads=2',
+         '--config.projector.hidden_dim=64', '--config.projector.out_dim=32',
+         '--config.crops.n_local=2', '--config.knn.every_epochs=0')
+
+
+def command(workdir, *flags, config=TINY):
+    return [sys.executable, str(REPO / 'train.py'), f'--config={config}',
+            f'--workdir={workdir}', *flags]
+
+
+def environment(devices: int) -> dict:
+    return dict(os.environ, JAX_PLATFORMS='cpu',
+                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def start(workdir, *flags, devices=4, small=True):
+    """A background run (the small network unless `small=False`) logging to `workdir.log`."""
+    log = open(f'{workdir}.log', 'a')
+    flags = (*SMALL, *flags) if small else flags
+    return subprocess.Popen(command(workdir, *flags), env=environment(devices), cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(process, workdir, timeout=600) -> int:
+    code = process.wait(timeout=timeout)
+    print(pathlib.Path(f'{workdir}.log').read_text()[-3000:])
+    return code
+
+
+@pytest.fixture(scope='session')
+def small_mnist_run(tmp_path_factory):
+    """A real `train.py` run of the small network on MNIST: 2 epochs (62 steps) on 4
+    devices, checkpoints every 10 steps (the last 3 kept: 50, 60, 62). Read-only."""
+    workdir = tmp_path_factory.mktemp('small_mnist') / 'run'
+    assert finish(start(workdir), workdir) == 0
+    return workdir

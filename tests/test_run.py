@@ -24,14 +24,9 @@ import pytest
 from bam_jax.data import sources
 from bam_jax.train import builder, loop, metrics_log, online
 from bam_jax.train.checkpoint import Checkpointer, abstract_like
+from conftest import REPO, SMALL, TINY, command, environment, finish, start
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = REPO / 'tests' / 'run_configs' / 'tiny_mnist.py'
 STEPS = 62  # two epochs of 4,000 digits at batch 128
-# The reference's smaller network (command-line overrides), without kNN.
-SMALL = ('--config.model.embed_dim=32', '--config.model.depth=1', '--config.model.num_heads=2',
-         '--config.projector.hidden_dim=64', '--config.projector.out_dim=32',
-         '--config.crops.n_local=2', '--config.knn.every_epochs=0')
 
 
 def load_config(path=TINY):
@@ -54,31 +49,6 @@ def small_config():
     return config
 
 
-def command(workdir, *flags, config=TINY):
-    return [sys.executable, str(REPO / 'train.py'), f'--config={config}',
-            f'--workdir={workdir}', *flags]
-
-
-def environment(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    return env
-
-
-def start(workdir, *flags, devices=4, small=True):
-    """A background run (the small network unless `small=False`) logging to `workdir.log`."""
-    log = open(f'{workdir}.log', 'a')
-    flags = (*SMALL, *flags) if small else flags
-    return subprocess.Popen(command(workdir, *flags), env=environment(devices), cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT)
-
-
-def finish(process, workdir, timeout=600) -> int:
-    code = process.wait(timeout=timeout)
-    print(pathlib.Path(f'{workdir}.log').read_text()[-3000:])
-    return code
-
-
 def losses(workdir) -> dict[int, float]:
     return {step: scalars['loss'] for step, scalars in metrics_log.read_metrics(workdir).items()
             if 'loss' in scalars}
@@ -96,10 +66,8 @@ def wait_for_step(workdir, step: int, process, timeout=600):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp('reference') / 'run'
-    assert finish(start(workdir), workdir) == 0
-    return workdir
+def reference(small_mnist_run):
+    return small_mnist_run
 
 
 @pytest.fixture(scope='module')

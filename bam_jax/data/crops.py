@@ -71,12 +71,14 @@ def _place_in_box(rng, length: int, crop: int, low: float, high: float, alpha: f
 
 def random_resized_crop(image: Image.Image, rng: np.random.Generator, size: int,
                         scale: tuple[float, float], flip_prob: float = 0.5,
-                        box: np.ndarray | None = None, alpha: float = 0.6) -> np.ndarray:
-    """One crop, bicubic-resized to `size` (PIL, antialiased as torchvision's), maybe flipped."""
+                        box: np.ndarray | None = None, alpha: float = 0.6,
+                        resample: int = Image.BICUBIC) -> np.ndarray:
+    """One crop, resized to `size` (PIL, antialiased as torchvision's; bicubic as the
+    pre-training transform, bilinear as the linear probe's), maybe flipped."""
     top, left, crop_height, crop_width = sample_crop_box(
         rng, image.height, image.width, scale, box=box, alpha=alpha)
     crop = image.crop((left, top, left + crop_width, top + crop_height))
-    crop = np.asarray(crop.resize((size, size), Image.BICUBIC))
+    crop = np.asarray(crop.resize((size, size), resample))
     return crop[:, ::-1] if rng.uniform() < flip_prob else crop
 
 

@@ -58,8 +58,15 @@ def resize_center_crop(image: Image.Image, resize_size: int, image_size: int) ->
 
 
 def load_example(index: int, source, resize_size: int, image_size: int,
-                 squash: bool = False) -> dict[str, Any]:
-    """One batch row: the source's example `index`, or a padding row when `index` < 0."""
+                 squash: bool = False, random_crop: tuple[int, ...] | None = None,
+                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> dict[str, Any]:
+    """One batch row: the source's example `index`, or a padding row when `index` < 0.
+
+    With `random_crop` (a seed, e.g. (seed, epoch)) the row is the linear probe's training
+    view instead: torchvision's `RandomResizedCrop(image_size)` (bilinear, `crop_scale`)
+    and a horizontal flip, drawn from a generator seeded with (*random_crop, index), so
+    the crops do not depend on the batch, the worker or the process.
+    """
     example = dict(image=np.zeros((image_size, image_size, 3), np.uint8),
                    label=np.int32(-1), index=np.int32(index), valid=np.bool_(False))
     if index < 0:
@@ -71,7 +78,11 @@ def load_example(index: int, source, resize_size: int, image_size: int,
     except crops_lib.DECODE_ERRORS:
         logging.warning('Unreadable image %s is left out of the evaluation.', record['path'])
         return example
-    if squash:  # the whole image, aspect ratio lost: torchvision's Resize((S, S)), bilinear
+    if random_crop is not None:
+        rng = np.random.default_rng([*random_crop, int(index)])
+        example['image'] = crops_lib.random_resized_crop(image, rng, image_size, crop_scale,
+                                                         resample=Image.BILINEAR)
+    elif squash:  # the whole image, aspect ratio lost: torchvision's Resize((S, S)), bilinear
         example['image'] = np.asarray(image.resize((image_size, image_size), Image.BILINEAR))
     else:
         example['image'] = resize_center_crop(image, resize_size, image_size)
@@ -109,7 +120,9 @@ class EvalInput:
 def make_eval_input(source, *, image_size: int, batch_size: int,
                     resize_size: int | None = None, indices: np.ndarray | None = None,
                     process_index: int = 0, process_count: int = 1,
-                    num_workers: int = 0, squash: bool = False) -> EvalInput:
+                    num_workers: int = 0, squash: bool = False,
+                    random_crop: tuple[int, ...] | None = None,
+                    crop_scale: tuple[float, float] = (0.08, 1.0)) -> EvalInput:
     """Batches (per process, `batch_size` rows) of `source[indices]`, in that order.
 
     Args:
@@ -123,6 +136,9 @@ def make_eval_input(source, *, image_size: int, batch_size: int,
       num_workers: grain worker processes for decoding (0: in this process).
       squash: resize the whole image to `image_size` square instead (ContrastiveCrop's
         boxes are fractions of the whole image); `resize_size` is then unused.
+      random_crop, crop_scale: random resized crops and flips instead (the linear
+        probe's training views, see `load_example`); `resize_size` is then unused. The
+        order is still that of `indices`: shuffle them per epoch.
     """
     resize_size = default_resize_size(image_size) if resize_size is None else resize_size
     if resize_size < image_size:
@@ -139,7 +155,7 @@ def make_eval_input(source, *, image_size: int, batch_size: int,
     slots = process_indices(indices, batch_size, process_index, process_count)
     dataset = grain.MapDataset.source(slots).map(functools.partial(
         load_example, source=source, resize_size=resize_size, image_size=image_size,
-        squash=squash))
+        squash=squash, random_crop=random_crop, crop_scale=crop_scale))
     dataset = dataset.batch(batch_size).to_iter_dataset()
     if num_workers:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -48,6 +48,20 @@ def _flatten(buffer: Features) -> Features:
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), buffer)
 
 
+def global_batch(batch: dict[str, np.ndarray], rows: NamedSharding,
+                 names=('image', 'label', 'valid')) -> tuple[jax.Array, ...]:
+    """This process's host batch → global arrays sharded by `rows` (every process passes
+    its own rows of the same global batch): uint8 images, int32 labels, bool validity."""
+    dtypes = {'image': np.uint8, 'label': np.int32, 'valid': bool}
+    global_size = len(batch['label']) * jax.process_count()
+    arrays = []
+    for name in names:
+        local = np.asarray(batch[name], dtypes.get(name))
+        arrays.append(jax.make_array_from_process_local_data(
+            rows, local, (global_size,) + local.shape[1:]))
+    return tuple(arrays)
+
+
 def extract_features(features_fn: Callable[[jax.Array], jax.Array],
                      batches: Iterable[dict[str, np.ndarray]], *,
                      mesh: jax.sharding.Mesh, axis_name: str = 'data',
@@ -78,15 +92,9 @@ def extract_features(features_fn: Callable[[jax.Array], jax.Array],
                              f'the {jax.local_device_count()} local devices; use a batch '
                              'size divisible by it.')
         global_size = local_size * jax.process_count()
-
-        def to_global(name, dtype):
-            local = np.asarray(batch[name], dtype)
-            return jax.make_array_from_process_local_data(
-                rows, local, (global_size,) + local.shape[1:])
-
-        features = features_fn(normalize_images(to_global('image', np.uint8)))
-        part = Features(features.astype(jnp.float32), to_global('label', np.int32),
-                        to_global('valid', bool))
+        images, labels, valid = global_batch(batch, rows)
+        features = features_fn(normalize_images(images))
+        part = Features(features.astype(jnp.float32), labels, valid)
         if buffer is None:
             buffer = Features(
                 jnp.zeros((global_size, num_batches, features.shape[-1]), jnp.float32,

@@ -239,7 +239,16 @@ def knn_accuracy(features_fn: Callable[[jax.Array], jax.Array], train_input, tes
     """
     extract = functools.partial(features_lib.extract_features, features_fn, mesh=mesh,
                                 axis_name=axis_name)
-    train, test = extract(train_input), extract(test_input)
+    return features_knn_accuracy(extract(train_input), extract(test_input), mesh=mesh,
+                                 num_classes=num_classes, k=k, temperature=temperature,
+                                 axis_name=axis_name, **knn_options)
+
+
+def features_knn_accuracy(train: features_lib.Features, test: features_lib.Features, *,
+                          mesh: jax.sharding.Mesh, num_classes: int, k: int = K,
+                          temperature: float = TEMPERATURE, axis_name: str = 'data',
+                          **knn_options) -> dict[str, float]:
+    """`knn_accuracy` on features already extracted (`extract_features`)."""
     for name, split in (('train', train), ('test', test)):
         largest = int(jnp.max(jnp.where(split.valid, split.labels, -1)))
         if largest >= num_classes:

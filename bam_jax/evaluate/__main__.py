@@ -1,0 +1,154 @@
+r"""Evaluates a frozen backbone with every protocol: kNN, linear probe, few-shot, retrieval,
+k-means, attention maps.
+
+  python -m bam_jax.evaluate --workdir DIR [--step N] [--weights teacher|student] \
+    [--features checkpoint|random|pixels] [--out FILE.json] [--config.<key>=<value> ...]
+  python -m bam_jax.evaluate --backbone FILE.safetensors|.pth --run_config CONFIG.py ...
+
+The protocols and their settings are in `configs/evaluate.py` (`--config`), with data
+defaults from the run's config: the workdir's `config.json`, or `--run_config` (a
+training config file, also overridable, `--run_config.model.depth=...`) for a backbone
+file or a baseline without a workdir. `--features=random` evaluates the run's
+architecture at its random initialisation, `--features=pixels` raw pixels. The results
+are printed as a table and written, all or nothing, to `--out` (JSON); the attention
+figures go to the directory `OUT_STEM.attention/`. Bad input stops with one `error:`
+line and exit status 1, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+
+from bam_jax import command_line
+
+_REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
+_CONFIG = command_line.define_config_file(
+    'config', str(_REPOSITORY / 'configs' / 'evaluate.py'),
+    'The protocols and their settings (configs/evaluate.py); override keys with '
+    '--config.<key>=<value>.')
+_RUN_CONFIG = command_line.define_config_file(
+    'run_config', None, 'The training config file of the backbone (architecture and data) '
+    'when there is no --workdir; override keys with --run_config.<key>=<value>.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (train.py --workdir).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+_WEIGHTS = flags.DEFINE_enum('weights', None, ['teacher', 'student'],
+                             'Default: the teacher if the run has one.')
+_BACKBONE = flags.DEFINE_string(
+    'backbone', None, 'An exported backbone (.safetensors/.pth, with its JSON beside it) or '
+    'an official BAM checkpoint (.pth), instead of a workdir checkpoint.')
+_FEATURES = flags.DEFINE_enum('features', 'checkpoint', ['checkpoint', 'random', 'pixels'],
+                              'What to evaluate: the checkpoint or file, the architecture '
+                              'at random initialisation, or raw pixels.')
+_OUT = flags.DEFINE_string('out', None, 'Where to write the results (JSON).')
+
+
+def _fail(message: str):
+    sys.exit(f'error: {message}')
+
+
+def _run_config(workdir):
+    from bam_jax import export
+    if workdir is not None:
+        if flags.FLAGS['run_config'].present:
+            _fail('pass --workdir or --run_config, not both: a workdir has its config.json')
+        return export.load_run_config(workdir)
+    if _RUN_CONFIG.value is None:
+        _fail('pass --workdir DIR, or --run_config CONFIG.py (the training config of '
+              '--backbone FILE, or of a --features=random|pixels baseline)')
+    return _RUN_CONFIG.value
+
+
+def _output_paths(out: str | None, protocols) -> tuple[pathlib.Path | None,
+                                                        pathlib.Path | None]:
+    """(--out, the attention directory), checked before any work."""
+    if out is None:
+        if 'attention' in protocols:
+            _fail('the attention protocol writes figures: pass --out FILE.json')
+        return None, None
+    out = pathlib.Path(out).absolute()
+    if not out.parent.is_dir():
+        _fail(f'output directory {out.parent} does not exist')
+    if out.is_dir():
+        _fail(f'--out {out} is a directory')
+    attention = out.with_name(out.stem + '.attention') if 'attention' in protocols else None
+    if attention is not None and attention.exists():
+        _fail(f'{attention} already exists; remove it or choose another --out')
+    return out, attention
+
+
+def _table(results) -> list[str]:
+    rows = [('protocol', 'metric', 'value')]
+    for protocol, numbers in results.items():
+        for name, value in numbers.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append((protocol, name, f'{value:.2f}' if isinstance(value, float)
+                             else str(value)))
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return [f'{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}'
+            for row in rows]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logging.set_verbosity(logging.WARNING)  # progress goes to stdout, errors to stderr
+    import jax
+    from bam_jax import export
+    from bam_jax.data.sources import DataError
+    from bam_jax.evaluate import runner
+
+    config = _CONFIG.value
+    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
+    backbone = pathlib.Path(_BACKBONE.value) if _BACKBONE.value else None
+    try:
+        protocols = runner.parse_protocols(config.protocols)
+        out, attention_dir = _output_paths(_OUT.value, protocols)
+        if backbone is not None and _FEATURES.value != 'checkpoint':
+            _fail(f'--backbone is a checkpoint; it makes no sense with '
+                  f'--features={_FEATURES.value}')
+        if workdir is None and backbone is None and _FEATURES.value == 'checkpoint':
+            _fail('pass --workdir DIR or --backbone FILE (or --features=random|pixels)')
+        if workdir is not None and backbone is not None:
+            _fail('pass --workdir or --backbone, not both')
+        run_config = _run_config(workdir)
+        subject = runner.load_subject(_FEATURES.value, run_config, workdir=workdir,
+                                      step=_STEP.value, weights=_WEIGHTS.value,
+                                      backbone_file=backbone)
+        evaluation = runner.Evaluation(config, run_config, subject,
+                                       log=lambda line: print(line, flush=True))
+        staging = None
+        if attention_dir is not None:
+            staging = attention_dir.with_name(f'.{attention_dir.name}.{os.getpid()}.tmp')
+            staging.mkdir()
+        try:
+            results, seconds = evaluation.run(protocols, attention_dir=staging)
+            summary = {'features': subject.kind, **subject.description,
+                       'model': run_config.model.to_dict(), 'data': evaluation.data.to_dict(),
+                       'num_classes': evaluation.num_classes, 'devices': jax.device_count(),
+                       'results': results, 'seconds': seconds, 'config': config.to_dict()}
+            if out is not None and jax.process_index() == 0:
+                export.write_all({out: lambda path: path.write_text(
+                    json.dumps(summary, indent=2) + '\n')})
+                if staging is not None:
+                    os.replace(staging, attention_dir)
+        finally:
+            if staging is not None and staging.exists():
+                for path in staging.iterdir():
+                    path.unlink()
+                staging.rmdir()
+    except (export.ExportError, DataError, ValueError, OSError) as error:
+        # ValueError: bad settings and the architecture mismatches (ArchitectureMismatch).
+        _fail(str(error).replace('\n', ' '))
+    print('\n'.join(_table(results)))
+    if out is not None:
+        print(f'wrote {out}' + (f' and {attention_dir}/' if attention_dir else ''))
+
+
+if __name__ == '__main__':
+    app.run(main, flags_parser=lambda argv: command_line.parse_flags(
+        argv, names=('config', 'run_config')))

@@ -1,0 +1,296 @@
+"""Every evaluation protocol on one set of frozen features, for `python -m bam_jax.evaluate`.
+
+The features come from a training checkpoint (`export.restore_state`), an exported or
+official backbone file (`export.import_backbone`), the run's architecture at its random
+initialisation (the run's own seed: its step-0 backbone), or raw pixels (the evaluation
+crops resized to `config.pixels_size` and flattened): the README's baselines.
+
+The train and test splits' features are extracted once, sharded over all devices, and
+shared by kNN, few-shot, retrieval and k-means; the linear probe runs the backbone on
+its own augmented crops (`bam_jax.evaluate.linear`). Few-shot, retrieval, k-means and
+the attention figures live in their own modules, imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from bam_jax import export
+from bam_jax.data import eval_input, sources
+from bam_jax.evaluate import features as features_lib
+from bam_jax.evaluate import knn as knn_lib
+from bam_jax.evaluate import linear as linear_lib
+from bam_jax.models.multicrop import build_network
+from bam_jax.models.vit import VisionTransformer
+
+PROTOCOLS = ('knn', 'linear', 'fewshot', 'retrieval', 'kmeans', 'attention')
+FEATURES = ('checkpoint', 'random', 'pixels')
+# Protocols on the shared (CLS / pooled) features of the two splits.
+SHARED = ('knn', 'fewshot', 'retrieval', 'kmeans')
+
+
+class EvaluationError(ValueError):
+    """Bad input to the evaluation; the message names the flag, key or file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """What is evaluated: a backbone and its variables (None for raw pixels)."""
+    kind: str  # one of FEATURES
+    backbone: Any
+    variables: Any
+    description: dict[str, Any]
+
+
+def parse_protocols(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(',') if name.strip()]
+    unknown = [name for name in names if name not in PROTOCOLS]
+    if unknown or not names:
+        raise EvaluationError(f'config.protocols={text!r}: unknown {unknown or "(empty)"}; '
+                              f'choose from {",".join(PROTOCOLS)}')
+    return list(dict.fromkeys(names))
+
+
+def resolve_data(config, run_config) -> ml_collections.ConfigDict:
+    """The evaluation's data settings: `config.data`, unset keys from the run's config."""
+    data, knn = config.data, run_config.knn
+    defaults = dict(train_split=run_config.data.split, test_split=knn.val_split,
+                    image_size=knn.image_size, resize_size=knn.resize_size,
+                    batch_size=knn.batch_size, train_fraction=knn.train_fraction)
+    resolved = {key: default if data[key] is None else data[key]
+                for key, default in defaults.items()}
+    resolved['num_workers'] = data.num_workers
+    resolved['k'] = knn.k if config.knn.k is None else config.knn.k
+    resolved['temperature'] = (knn.temperature if config.knn.temperature is None
+                               else config.knn.temperature)
+    return ml_collections.ConfigDict(resolved)
+
+
+def load_subject(kind: str, run_config, *, workdir: pathlib.Path | None, step: int | None,
+                 weights: str | None, backbone_file: pathlib.Path | None) -> Subject:
+    """The backbone and variables to evaluate; errors (ExportError, ArchitectureMismatch)
+    name the workdir, step, file or architecture."""
+    if kind == 'pixels':
+        return Subject(kind, None, None, {})
+    backbone = build_network(run_config).backbone
+    if kind == 'random':
+        mesh = jax.make_mesh((1,), ('data',), axis_types=(AxisType.Auto,),
+                             devices=jax.devices()[:1])
+        from bam_jax.train.state import create_train_state  # the run's own step-0 init
+        from bam_jax.train.builder import crop_shapes
+        import optax
+        state = create_train_state(build_network(run_config), optax.identity(),
+                                   jax.random.PRNGKey(run_config.seed),
+                                   crop_shapes(run_config, 2), teacher=False, mesh=mesh)
+        return Subject(kind, backbone, export.backbone_variables(state, 'student'),
+                       {'seed': int(run_config.seed)})
+    if backbone_file is not None:
+        variables = export.import_backbone(backbone_file, run_config, weights=weights)
+        return Subject(kind, backbone, variables,
+                       {'backbone': str(backbone_file.absolute()), 'weights': weights})
+    _, state, step = export.restore_state(workdir, step)
+    if weights is None:
+        weights = 'teacher' if state.teacher_params is not None else 'student'
+    return Subject(kind, backbone, export.backbone_variables(state, weights),
+                   {'workdir': str(workdir.absolute()), 'step': int(step),
+                    'weights': weights})
+
+
+def pixel_features(size: int) -> Callable[[jax.Array], jax.Array]:
+    """Normalised images → the images resized to `size` (antialiased) and flattened."""
+    @jax.jit
+    def features(images):
+        if images.shape[1:3] != (size, size):
+            images = jax.image.resize(images, (images.shape[0], size, size, 3), 'linear',
+                                      antialias=True)
+        return images.reshape(images.shape[0], -1)
+    return features
+
+
+def host_rows(split: features_lib.Features) -> tuple[np.ndarray, np.ndarray]:
+    """The valid, labelled rows of a split's features and labels, on every host."""
+    features, labels, valid = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                               for x in split)
+    keep = valid & (labels >= 0)
+    return features[keep], labels[keep]
+
+
+class Evaluation:
+    """One subject on one run's data: `run(protocols)` → {protocol: numbers}."""
+
+    def __init__(self, config, run_config, subject: Subject, *,
+                 log: Callable[[str], None] = print):
+        self.config, self.run_config, self.subject, self.log = (config, run_config,
+                                                                 subject, log)
+        self.data = resolve_data(config, run_config)
+        self.mesh = jax.make_mesh((jax.device_count(),), ('data',),
+                                  axis_types=(AxisType.Auto,))
+        data = self.data
+        for name in ('batch_size',):
+            if data[name] % jax.device_count():
+                raise EvaluationError(f'config.data.{name}={data[name]} is not divisible by '
+                                      f'the {jax.device_count()} devices')
+        if config.linear.batch_size % jax.device_count():
+            raise EvaluationError(f'config.linear.batch_size={config.linear.batch_size} is '
+                                  f'not divisible by the {jax.device_count()} devices')
+        self.train_source = sources.make_source(run_config.data, data.train_split)
+        self.test_source = sources.make_source(run_config.data, data.test_split)
+        self.train_labels = eval_input.source_labels(self.train_source)
+        if (self.train_labels < 0).all():
+            raise EvaluationError(f'the {data.train_split} split of {run_config.data.source} '
+                                  'has no labels')
+        self.num_classes = int(self.train_labels.max()) + 1
+        if subject.variables is not None:
+            self.variables = jax.device_put(subject.variables,
+                                            NamedSharding(self.mesh, P()))
+        self._shared = None
+
+    # -- inputs ------------------------------------------------------------------
+    def _input(self, source, *, batch_size=None, **kwargs) -> eval_input.EvalInput:
+        batch_size = self.data.batch_size if batch_size is None else batch_size
+        return eval_input.make_eval_input(
+            source, image_size=self.data.image_size, resize_size=self.data.resize_size,
+            batch_size=batch_size // jax.process_count(), num_workers=self.data.num_workers,
+            process_index=jax.process_index(), process_count=jax.process_count(), **kwargs)
+
+    def _train_indices(self, fraction: float, seed: int = 0):
+        if fraction >= 1:
+            return None
+        return eval_input.balanced_subset(self.train_labels, fraction, seed=seed)
+
+    def _features_fn(self, layout=None) -> Callable[[jax.Array], jax.Array]:
+        if self.subject.kind == 'pixels':
+            return pixel_features(self.config.pixels_size)
+        backbone = self.subject.backbone
+        apply = layout or (lambda variables, images: backbone.apply(variables, images,
+                                                                    train=False))
+        return functools.partial(jax.jit(apply), self.variables)
+
+    def _extract(self, features_fn, batches) -> features_lib.Features:
+        return features_lib.extract_features(features_fn, batches, mesh=self.mesh)
+
+    def shared_features(self):
+        """(train, test) CLS / pooled / pixel features, extracted once."""
+        if self._shared is None:
+            features_fn = self._features_fn()
+            train = self._input(self.train_source,
+                                indices=self._train_indices(self.data.train_fraction))
+            self._shared = (self._extract(features_fn, train),
+                            self._extract(features_fn, self._input(self.test_source)))
+        return self._shared
+
+    def _split_rows(self, split: str):
+        if split not in ('train', 'test'):
+            raise EvaluationError(f"split must be 'train' or 'test', got {split!r}")
+        train, test = self.shared_features()
+        return host_rows(train if split == 'train' else test)
+
+    # -- protocols ---------------------------------------------------------------
+    def knn(self) -> dict[str, Any]:
+        train, test = self.shared_features()
+        return knn_lib.features_knn_accuracy(
+            train, test, mesh=self.mesh, num_classes=self.num_classes, k=self.data.k,
+            temperature=self.data.temperature)
+
+    def linear(self) -> dict[str, Any]:
+        settings = self.config.linear
+        layout = None
+        if self.subject.kind != 'pixels':
+            layout = linear_lib.feature_layout(
+                self.subject.backbone, n_last_blocks=settings.n_last_blocks,
+                avgpool=settings.avgpool)
+        elif settings.n_last_blocks != 1 or settings.avgpool:
+            self.log('linear: raw pixels have no blocks; n_last_blocks and avgpool unused')
+        features_fn = self._features_fn(layout)
+        test = self._extract(features_fn, self._input(self.test_source))
+        indices = self._train_indices(settings.train_fraction)
+        indices = np.arange(len(self.train_source)) if indices is None else indices
+        if settings.augment:
+            def train_batches(epoch):
+                order = np.random.default_rng([settings.seed, epoch]).permutation(indices)
+                return self._input(self.train_source, batch_size=settings.batch_size,
+                                   indices=order, random_crop=(settings.seed, epoch))
+        else:
+            train = self._extract(features_fn, self._input(self.train_source,
+                                                           indices=indices))
+            train_batches = linear_lib.feature_batches(train, settings.batch_size,
+                                                       seed=settings.seed)
+        result = linear_lib.linear_probe(
+            features_fn, train_batches, test, mesh=self.mesh, num_classes=self.num_classes,
+            epochs=settings.epochs, lr=settings.lr, bn_head=settings.bn_head,
+            seed=settings.seed, log=self.log)
+        return result.summary()
+
+    def fewshot(self) -> dict[str, Any]:
+        from bam_jax.evaluate.fewshot import few_shot
+        options = self.config.fewshot.to_dict()
+        features, labels = self._split_rows(options.pop('split'))
+        return few_shot(features, labels, **options)
+
+    def retrieval(self) -> dict[str, Any]:
+        from bam_jax.evaluate.retrieval import recall_at_k
+        features, labels = self._split_rows(self.config.retrieval.split)
+        return recall_at_k(features, labels, ks=tuple(self.config.retrieval.ks))
+
+    def kmeans(self) -> dict[str, Any]:
+        from bam_jax.evaluate.clustering import kmeans_scores
+        options = self.config.kmeans.to_dict()
+        features, labels = self._split_rows(options.pop('split'))
+        return kmeans_scores(features, labels, **options)
+
+    def attention(self, out_dir: pathlib.Path) -> dict[str, Any]:
+        from bam_jax.evaluate.attention import save_attention_maps
+        count = self.config.attention.num_images
+        images = []
+        for batch in self._input(self.test_source):
+            images.extend(batch['image'][batch['valid']])
+            if len(images) >= count:
+                break
+        variables = jax.device_get(self.subject.variables)
+        paths = save_attention_maps(self.subject.backbone, variables,
+                                    np.stack(images[:count]), out_dir,
+                                    image_size=self.data.image_size)
+        return {'images': len(paths), 'files': [path.name for path in paths]}
+
+    def check(self, protocols: list[str]):
+        """Settings errors before any feature is computed."""
+        if 'attention' in protocols and not isinstance(self.subject.backbone,
+                                                       VisionTransformer):
+            raise EvaluationError('the attention protocol needs a ViT and checkpoint or '
+                                  f'random features, not {self.subject.kind} '
+                                  f'{self.run_config.model.name}')
+        if 'linear' in protocols and self.subject.kind != 'pixels':
+            linear_lib.feature_layout(self.subject.backbone,
+                                      n_last_blocks=self.config.linear.n_last_blocks,
+                                      avgpool=self.config.linear.avgpool)
+
+    def run(self, protocols: list[str], attention_dir: pathlib.Path | None = None
+            ) -> tuple[dict[str, Any], dict[str, float]]:
+        """({protocol: its numbers}, {'features' and each protocol: wall seconds})."""
+        self.check(protocols)
+        results, seconds = {}, {}
+        if any(name in SHARED for name in protocols):
+            start = time.perf_counter()
+            jax.block_until_ready(self.shared_features())
+            seconds['features'] = time.perf_counter() - start
+            self.log(f'features of both splits: {seconds["features"]:.1f} s')
+        for name in protocols:
+            start = time.perf_counter()
+            if name == 'attention':
+                results[name] = self.attention(attention_dir)
+            else:
+                results[name] = getattr(self, name)()
+            seconds[name] = time.perf_counter() - start
+            self.log(f'{name}: {seconds[name]:.1f} s')
+        return results, seconds

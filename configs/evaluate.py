@@ -1,0 +1,57 @@
+r"""Evaluation protocols of `python -m bam_jax.evaluate` (official values where there are any).
+
+Unset (None) data and kNN keys come from the run's config (`config.data`, `config.knn`:
+for the MNIST default, all 4,000 'train' digits against the 1,000 'test' digits at 32 px).
+
+  python -m bam_jax.evaluate --workdir=runs/mnist --out=runs/mnist/eval.json
+  python -m bam_jax.evaluate --workdir=runs/mnist --features=pixels \
+    --config.protocols=knn,linear --config.linear.epochs=10
+  python -m bam_jax.evaluate --backbone=vitb16.pth --run_config=configs/vit_base_imagenet.py \
+    --config.protocols=linear --config.linear.n_last_blocks=1 \
+    --config.linear.avgpool=True --config.linear.bn_head=True --config.linear.lr=0.002
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    # Any of knn, linear, fewshot, retrieval, kmeans, attention, comma-separated.
+    config.protocols = 'knn,linear'
+
+    config.data = ml_collections.ConfigDict(dict(
+        train_split=placeholder(str),  # default: the run's config.data.split
+        test_split=placeholder(str),  # default: the run's config.knn.val_split
+        image_size=placeholder(int),  # default: config.knn.image_size
+        resize_size=placeholder(int),  # default: config.knn.resize_size
+        batch_size=placeholder(int),  # global; default: config.knn.batch_size
+        # The kNN memory bank, few-shot, retrieval and k-means use a class-balanced
+        # fraction of train (official kNN: 0.1 of ImageNet); default config.knn's.
+        train_fraction=placeholder(float),
+        num_workers=0,  # grain decoding processes
+    ))
+    # Raw-pixel features (--features=pixels): the evaluation crops resized to this side.
+    config.pixels_size = 32
+
+    config.knn = ml_collections.ConfigDict(dict(
+        k=placeholder(int), temperature=placeholder(float)))  # default: config.knn's
+
+    # `eval_linear.py` defaults (ViT-S protocol: the last 4 CLS tokens); the official
+    # ViT-B script uses n_last_blocks=1, avgpool=True, bn_head=True, lr=0.002.
+    config.linear = ml_collections.ConfigDict(dict(
+        epochs=100, lr=0.001, batch_size=1024, n_last_blocks=4, avgpool=False,
+        bn_head=False,
+        augment=True,  # official; False: centre-crop features computed once (faster)
+        train_fraction=1.0, seed=0))
+
+    config.fewshot = ml_collections.ConfigDict(dict(
+        split='test', n_way=5, n_shot=5, n_query=15, n_episodes=600,
+        classifier='prototype', seed=0))
+    config.retrieval = ml_collections.ConfigDict(dict(split='test', ks=(1, 2, 4, 8)))
+    config.kmeans = ml_collections.ConfigDict(dict(
+        split='test', n_clusters=placeholder(int), n_init=10, max_iters=100, seed=0))
+    # Last-block CLS attention of the first test images (ViT only), as PNGs in a
+    # directory beside --out (OUT_STEM.attention/).
+    config.attention = ml_collections.ConfigDict(dict(num_images=8))
+    return config

@@ -1,0 +1,253 @@
+"""The linear probe against a NumPy transcription of the official one, its feature layout,
+and `python -m bam_jax.evaluate` as users run it: subprocesses on the checkpoints of a
+real small MNIST run (`small_mnist_run`, shared with test_run.py).
+"""
+
+import json
+import math
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bam_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from bam_jax.evaluate import extract_features, linear
+from bam_jax.models.resnet import ResNet
+from bam_jax.models.vit import vit
+from conftest import REPO, SMALL, TINY, data_mesh, environment
+
+# ------------------------------------------------------------------ the probe itself
+
+NUM_CLASSES, SIDE, BATCH = 3, 4, 16
+
+
+def separable_problem(n, seed):
+    """uint8 4×4 images: a fixed random pattern per class plus noise; labels 0-2."""
+    patterns = np.random.default_rng(0).uniform(40, 215, (NUM_CLASSES, SIDE, SIDE, 3))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, n)
+    images = patterns[labels] + rng.normal(0, 25, (n, SIDE, SIDE, 3))
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int32)
+
+
+def host_batches(images, labels, order):
+    """Batches of BATCH rows in `order`; the last padded with invalid rows."""
+    padded = np.concatenate([order, np.full(-len(order) % BATCH, -1)])
+    for start in range(0, len(padded), BATCH):
+        rows = padded[start:start + BATCH]
+        yield {'image': np.where((rows >= 0)[:, None, None, None], images[rows], 0),
+               'label': np.where(rows >= 0, labels[rows], -1), 'valid': rows >= 0}
+
+
+def flat_pixels(images):
+    return images.reshape(images.shape[0], -1)
+
+
+def run_probe(mesh, train, test, *, epochs, lr, bn_head):
+    features_fn = jax.jit(flat_pixels)
+    batches = list(host_batches(*test, np.arange(len(test[1]))))
+    test_features = extract_features(features_fn, batches, mesh=mesh)
+    return linear.linear_probe(
+        features_fn, lambda epoch: host_batches(*train, epoch_order(len(train[1]), epoch)),
+        test_features, mesh=mesh, num_classes=NUM_CLASSES, epochs=epochs, lr=lr,
+        bn_head=bn_head, seed=3)
+
+
+def epoch_order(n, epoch):
+    return np.random.default_rng([7, epoch]).permutation(n)
+
+
+def numpy_probe(train, test, *, epochs, lr, bn_head, kernel):
+    """The official `eval_linear.py` loop in float64 NumPy: torch's SGD (v ← 0.9v + g),
+    `lr × 16 / 256`, `CosineAnnealingLR` per epoch, CE mean over the real rows of each
+    batch (the official last batch is simply smaller), BatchNorm1d(affine=False, eps=1e-6).
+    Returns the final (kernel, bias, running mean, running var) and top-1 per epoch."""
+    def normalise(images):
+        x = images.astype(np.float64) / 255.0
+        return flat_pixels((x - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD))
+
+    kernel, bias = kernel.astype(np.float64), np.zeros(NUM_CLASSES)
+    v_kernel, v_bias = np.zeros_like(kernel), np.zeros_like(bias)
+    running_mean, running_var = np.zeros(kernel.shape[0]), np.ones(kernel.shape[0])
+    top1 = []
+    for epoch in range(epochs):
+        rate = lr * BATCH / 256 * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        for batch in host_batches(*train, epoch_order(len(train[1]), epoch)):
+            x, y = normalise(batch['image'][batch['valid']]), batch['label'][batch['valid']]
+            n = len(y)
+            if bn_head:
+                mean, var = x.mean(0), x.var(0)
+                x = (x - mean) / np.sqrt(var + 1e-6)
+                running_mean = 0.9 * running_mean + 0.1 * mean
+                running_var = 0.9 * running_var + 0.1 * var * n / (n - 1)
+            logits = x @ kernel + bias
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            g = (p - np.eye(NUM_CLASSES)[y]) / n
+            v_kernel = 0.9 * v_kernel + x.T @ g
+            v_bias = 0.9 * v_bias + g.sum(0)
+            kernel, bias = kernel - rate * v_kernel, bias - rate * v_bias
+        x = normalise(test[0])
+        if bn_head:
+            x = (x - running_mean) / np.sqrt(running_var + 1e-6)
+        top1.append(100.0 * np.mean(np.argmax(x @ kernel + bias, 1) == test[1]))
+    return (kernel, bias, running_mean, running_var), top1
+
+
+@pytest.mark.parametrize('bn_head', [False, True], ids=['linear', 'bn_head'])
+def test_linear_probe_learns_and_matches_numpy_on_1_and_4_devices(bn_head):
+    train, test = separable_problem(56, seed=1), separable_problem(40, seed=2)
+    settings = dict(epochs=3, lr=2.0, bn_head=bn_head)
+    one, four = (run_probe(data_mesh(n), train, test, **settings) for n in (1, 4))
+    initial = linear.init_classifier(jax.random.key(3), SIDE * SIDE * 3, NUM_CLASSES, bn_head)
+    (kernel, bias, mean, var), top1 = numpy_probe(
+        train, test, kernel=np.asarray(initial.params['kernel']), **settings)
+
+    got = one.classifier
+    np.testing.assert_allclose(got.params['kernel'], kernel, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.params['bias'], bias, rtol=1e-4, atol=1e-5)
+    if bn_head:
+        np.testing.assert_allclose(got.batch_stats['mean'], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.batch_stats['var'], var, rtol=1e-5)
+    assert [epoch['top1'] for epoch in one.per_epoch] == pytest.approx(top1)
+    assert [epoch['lr'] for epoch in one.per_epoch] == pytest.approx(
+        [2.0 * 16 / 256 * factor for factor in (1.0, 0.75, 0.25)])
+    assert one.last_top1 >= 95 and one.per_epoch[0]['top1'] < one.last_top1 + 1e-9
+    assert one.top1 == max(top1) and one.top5 == 100.0  # 3 classes: top-5 is everything
+    # 4 devices: the same training, up to the order of the gradient all-reduce.
+    for leaf_one, leaf_four in zip(jax.tree.leaves(one.classifier),
+                                   jax.tree.leaves(four.classifier)):
+        np.testing.assert_allclose(leaf_four, leaf_one, rtol=1e-5, atol=1e-7)
+    assert [e['top1'] for e in four.per_epoch] == [e['top1'] for e in one.per_epoch]
+
+
+def test_feature_layout_is_get_intermediate_layers_convention():
+    backbone = vit('tiny', embed_dim=16, depth=4, num_heads=2, patch_size=4, img_size=8)
+    images = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+    variables = backbone.init(jax.random.key(0), images)
+    encoded = backbone.apply(variables, images, method='encode', n_last_blocks=4)
+    blocks = [np.asarray(block) for block in encoded['blocks']]  # normed, oldest first
+    assert len(blocks) == 4 and blocks[0].shape == (3, 5, 16)
+    assert not np.allclose(blocks[0][:, 0], blocks[3][:, 0])
+
+    four = np.asarray(linear.feature_layout(backbone, n_last_blocks=4, avgpool=False)(
+        variables, images))
+    np.testing.assert_array_equal(four, np.concatenate([b[:, 0] for b in blocks], axis=1))
+    np.testing.assert_allclose(four[:, -16:], backbone.apply(variables, images), atol=1e-6)
+
+    pooled = np.asarray(linear.feature_layout(backbone, n_last_blocks=1, avgpool=True)(
+        variables, images))
+    assert pooled.shape == (3, 32)
+    np.testing.assert_array_equal(pooled[:, 0::2], blocks[-1][:, 0])  # cls_0, avg_0, ...
+    np.testing.assert_allclose(pooled[:, 1::2], blocks[-1][:, 1:].mean(axis=1), atol=1e-6)
+
+    with pytest.raises(ValueError, match='avgpool needs linear.n_last_blocks=1'):
+        linear.feature_layout(backbone, n_last_blocks=2, avgpool=True)
+    with pytest.raises(ValueError, match='n_last_blocks=5, but the ViT has 4 blocks'):
+        linear.feature_layout(backbone, n_last_blocks=5, avgpool=False)
+    with pytest.raises(ValueError, match='ResNet gives one pooled feature vector'):
+        linear.feature_layout(ResNet(), n_last_blocks=4, avgpool=False)
+
+
+# ------------------------------------------------------------------ the command
+
+RUN_CONFIG = (f'--run_config={TINY}',
+              *(flag.replace('--config.', '--run_config.') for flag in SMALL))
+FAST_LINEAR = ('--config.linear.epochs=1', '--config.linear.n_last_blocks=1',
+               '--config.linear.lr=0.5')
+
+
+def evaluate(*flags):
+    return subprocess.run([sys.executable, '-m', 'bam_jax.evaluate', *map(str, flags)],
+                          env=environment(4), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def succeeded(result, out):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(pathlib.Path(out).read_text())
+
+
+@pytest.fixture(scope='module')
+def exported(small_mnist_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp('export') / 'teacher.safetensors'
+    result = subprocess.run([sys.executable, '-m', 'bam_jax.export', '--workdir',
+                             str(small_mnist_run), '--out', str(out)], env=environment(1),
+                            cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_workdir_and_exported_file_give_the_same_numbers(small_mnist_run, exported,
+                                                         tmp_path):
+    from_workdir = succeeded(evaluate(
+        '--workdir', small_mnist_run, '--config.protocols=knn,linear', *FAST_LINEAR,
+        '--out', tmp_path / 'workdir.json'), tmp_path / 'workdir.json')
+    result = evaluate('--backbone', exported, *RUN_CONFIG, '--config.protocols=knn',
+                      '--out', tmp_path / 'file.json')
+    from_file = succeeded(result, tmp_path / 'file.json')
+    assert (from_workdir['step'], from_workdir['weights']) == (62, 'teacher')
+    assert from_workdir['data'] == from_file['data']
+    assert from_workdir['data']['train_split'] == 'train'
+    assert from_workdir['data']['test_split'] == 'test'
+    knn = from_workdir['results']['knn']
+    assert from_file['results']['knn'] == knn
+    assert 20 < knn['top1'] <= knn['top5'] <= 100
+    probe = from_workdir['results']['linear']
+    assert 10 < probe['top1'] <= 100 and len(probe['epochs']) == 1
+    assert set(from_workdir['seconds']) == {'features', 'knn', 'linear'}
+    assert 'knn       top1' in result.stdout  # the printed table
+
+
+def test_pixel_and_random_baselines(small_mnist_run, tmp_path):
+    pixels = succeeded(evaluate('--workdir', small_mnist_run, '--features=pixels',
+                                '--config.protocols=knn', '--out', tmp_path / 'pixels.json'),
+                       tmp_path / 'pixels.json')
+    # The README's raw-pixel kNN on the MNIST default's data (normalised 32×32×3).
+    assert pixels['results']['knn'] == pytest.approx({'top1': 92.8, 'top5': 99.3})
+    random_init = succeeded(evaluate(*RUN_CONFIG, '--features=random',
+                                     '--config.protocols=knn', '--out',
+                                     tmp_path / 'random.json'), tmp_path / 'random.json')
+    assert random_init['features'] == 'random' and random_init['model']['embed_dim'] == 32
+    assert 10 < random_init['results']['knn']['top1'] < 92.8
+
+
+def _corrupt(workdir):
+    for data_file in (workdir / 'checkpoints' / '62' / 'state').rglob('d/*'):
+        data_file.write_bytes(b'')
+
+
+@pytest.mark.parametrize('case, change, flags, message', [
+    ('missing workdir', shutil.rmtree, [], r'workdir .*run does not exist'),
+    ('missing step', None, ['--step', '7'],
+     r'no checkpoint for step 7 .*available steps: \[50, 60, 62\]'),
+    ('corrupt', _corrupt, [], r'checkpoints/62 is corrupt or unreadable: '),
+    ('wrong architecture', None, ['backbone'],
+     r'teacher.safetensors \(per teacher.json\) is for another architecture: '
+     r'embed_dim=32 \(requested 128\)'),
+    ('misspelt key', None, ['--config.linear.epoch=3'],
+     r'--config.linear.epoch: no such config key .*Did you mean "epochs"'),
+])
+def test_bad_input_is_one_line_and_leaves_no_file(small_mnist_run, exported, tmp_path,
+                                                  case, change, flags, message):
+    workdir = tmp_path / 'run'
+    shutil.copytree(small_mnist_run, workdir)
+    if change is not None:
+        change(workdir)
+    out = tmp_path / 'out'
+    out.mkdir()
+    if flags == ['backbone']:  # the file of the small run, the tiny run's config
+        flags = ['--backbone', exported, f'--run_config={TINY}']
+    else:
+        flags = ['--workdir', workdir, *flags]
+    result = evaluate(*flags, '--config.protocols=knn', '--out', out / 'results.json')
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-2000:]
+    assert re.search(message, lines[0]), lines[0]
+    assert list(out.iterdir()) == []
