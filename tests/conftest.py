@@ -4,6 +4,7 @@ Every multi-device path is tested on meshes built from subsets of these devices.
 """
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -69,3 +70,22 @@ def small_mnist_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp('small_mnist') / 'run'
     assert finish(start(workdir), workdir) == 0
     return workdir
+
+
+# ---------------------------------------------------------------- bad-input cases
+def corrupt_checkpoint(workdir, step: int):
+    """Empties every array data file of a checkpoint step (orbax metadata intact)."""
+    for data_file in (pathlib.Path(workdir) / 'checkpoints' / str(step) / 'state').rglob(
+            'd/*'):
+        data_file.write_bytes(b'')
+
+
+def changed_copy(workdir, tmp_path, change=None) -> tuple[pathlib.Path, pathlib.Path]:
+    """(a copy of `workdir` with `change(copy)` applied, an empty output directory)."""
+    copy = tmp_path / 'run'
+    shutil.copytree(workdir, copy)
+    if change is not None:
+        change(copy)
+    out = tmp_path / 'out'
+    out.mkdir()
+    return copy, out

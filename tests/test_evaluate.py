@@ -19,7 +19,8 @@ from bam_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from bam_jax.evaluate import extract_features, linear
 from bam_jax.models.resnet import ResNet
 from bam_jax.models.vit import vit
-from conftest import REPO, SMALL, TINY, data_mesh, environment
+from conftest import (REPO, SMALL, TINY, changed_copy, corrupt_checkpoint, data_mesh,
+                      environment)
 
 # ------------------------------------------------------------------ the probe itself
 
@@ -217,16 +218,11 @@ def test_pixel_and_random_baselines(small_mnist_run, tmp_path):
     assert 10 < random_init['results']['knn']['top1'] < 92.8
 
 
-def _corrupt(workdir):
-    for data_file in (workdir / 'checkpoints' / '62' / 'state').rglob('d/*'):
-        data_file.write_bytes(b'')
-
-
 @pytest.mark.parametrize('case, change, flags, message', [
     ('missing workdir', shutil.rmtree, [], r'workdir .*run does not exist'),
     ('missing step', None, ['--step', '7'],
      r'no checkpoint for step 7 .*available steps: \[50, 60, 62\]'),
-    ('corrupt', _corrupt, [], r'checkpoints/62 is corrupt or unreadable: '),
+    ('corrupt', lambda workdir: corrupt_checkpoint(workdir, 62), [], r'checkpoints/62 is corrupt or unreadable: '),
     ('wrong architecture', None, ['backbone'],
      r'teacher.safetensors \(per teacher.json\) is for another architecture: '
      r'embed_dim=32 \(requested 128\)'),
@@ -235,12 +231,7 @@ def _corrupt(workdir):
 ])
 def test_bad_input_is_one_line_and_leaves_no_file(small_mnist_run, exported, tmp_path,
                                                   case, change, flags, message):
-    workdir = tmp_path / 'run'
-    shutil.copytree(small_mnist_run, workdir)
-    if change is not None:
-        change(workdir)
-    out = tmp_path / 'out'
-    out.mkdir()
+    workdir, out = changed_copy(small_mnist_run, tmp_path, change)
     if flags == ['backbone']:  # the file of the small run, the tiny run's config
         flags = ['--backbone', exported, f'--run_config={TINY}']
     else:

@@ -26,7 +26,7 @@ from bam_jax.models import torch_layout
 from bam_jax.models.timm_names import ArchitectureMismatch, timm_backbone
 from bam_jax.models.vit import vit
 from bam_jax.train.checkpoint import Checkpointer
-from conftest import data_mesh
+from conftest import changed_copy, corrupt_checkpoint, data_mesh
 from configs import caformer_m36_imagenet, resnet50_imagenet
 from test_backbones import TINY_CAFORMER, TINY_RESNET, tiny_backbone_config
 from test_train import leaves_with_paths, place, random_batch, tiny_config
@@ -312,8 +312,7 @@ def _edit_config(workdir, **model):
 
 
 def _corrupt(workdir):
-    for data_file in (workdir / 'checkpoints' / str(TRAINED_STEP) / 'state').rglob('d/*'):
-        data_file.write_bytes(b'')
+    corrupt_checkpoint(workdir, TRAINED_STEP)
 
 
 @pytest.mark.parametrize('case, change, arguments, message', [
@@ -334,12 +333,7 @@ def _corrupt(workdir):
 def test_command_errors_are_one_line_and_leave_no_file(tiny_run, tmp_path, capsys, case,
                                                        change, arguments, message):
     _, run_workdir, _ = tiny_run
-    workdir = tmp_path / 'run'
-    shutil.copytree(run_workdir, workdir)
-    if change is not None:
-        change(workdir)
-    out = tmp_path / 'out'
-    out.mkdir()
+    workdir, out = changed_copy(run_workdir, tmp_path, change)
     argv = ['--workdir', str(workdir), '--out', str(out / 'model.safetensors')]
     argv += arguments
     assert export.main(argv) == 1

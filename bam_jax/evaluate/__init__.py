@@ -1,7 +1,8 @@
-"""Evaluation of frozen backbones: features of a split, and the official weighted kNN.
+"""Evaluation of frozen backbones: features of a split, the official weighted kNN and
+linear probe, and `python -m bam_jax.evaluate` (`runner`, `__main__`) for every protocol.
 
-Nothing here imports `bam_jax.train`; the training loop imports this package for its
-online kNN.
+The library modules import nothing of `bam_jax.train` (the training loop imports this
+package for its online kNN); only the command's `runner` does, to restore checkpoints.
 """
 
 from bam_jax.evaluate.features import Features, extract_features, normalize_images

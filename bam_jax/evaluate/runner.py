@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -33,6 +34,8 @@ from bam_jax.evaluate import knn as knn_lib
 from bam_jax.evaluate import linear as linear_lib
 from bam_jax.models.multicrop import build_network
 from bam_jax.models.vit import VisionTransformer
+from bam_jax.train.builder import crop_shapes
+from bam_jax.train.state import create_train_state
 
 PROTOCOLS = ('knn', 'linear', 'fewshot', 'retrieval', 'kmeans', 'attention')
 FEATURES = ('checkpoint', 'random', 'pixels')
@@ -83,14 +86,12 @@ def load_subject(kind: str, run_config, *, workdir: pathlib.Path | None, step: i
     name the workdir, step, file or architecture."""
     if kind == 'pixels':
         return Subject(kind, None, None, {})
-    backbone = build_network(run_config).backbone
-    if kind == 'random':
+    network = build_network(run_config)
+    backbone = network.backbone
+    if kind == 'random':  # as `build_training` initialises the run (the optimizer aside)
         mesh = jax.make_mesh((1,), ('data',), axis_types=(AxisType.Auto,),
                              devices=jax.devices()[:1])
-        from bam_jax.train.state import create_train_state  # the run's own step-0 init
-        from bam_jax.train.builder import crop_shapes
-        import optax
-        state = create_train_state(build_network(run_config), optax.identity(),
+        state = create_train_state(network, optax.identity(),
                                    jax.random.PRNGKey(run_config.seed),
                                    crop_shapes(run_config, 2), teacher=False, mesh=mesh)
         return Subject(kind, backbone, export.backbone_variables(state, 'student'),
@@ -137,13 +138,11 @@ class Evaluation:
         self.mesh = jax.make_mesh((jax.device_count(),), ('data',),
                                   axis_types=(AxisType.Auto,))
         data = self.data
-        for name in ('batch_size',):
-            if data[name] % jax.device_count():
-                raise EvaluationError(f'config.data.{name}={data[name]} is not divisible by '
-                                      f'the {jax.device_count()} devices')
-        if config.linear.batch_size % jax.device_count():
-            raise EvaluationError(f'config.linear.batch_size={config.linear.batch_size} is '
-                                  f'not divisible by the {jax.device_count()} devices')
+        for name, size in (('data.batch_size', data.batch_size),
+                           ('linear.batch_size', config.linear.batch_size)):
+            if size % jax.device_count():
+                raise EvaluationError(f'config.{name}={size} is not divisible by the '
+                                      f'{jax.device_count()} devices')
         self.train_source = sources.make_source(run_config.data, data.train_split)
         self.test_source = sources.make_source(run_config.data, data.test_split)
         self.train_labels = eval_input.source_labels(self.train_source)
