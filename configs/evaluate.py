@@ -43,6 +43,8 @@ def get_config():
         epochs=100, lr=0.001, batch_size=1024, n_last_blocks=4, avgpool=False,
         bn_head=False,
         augment=True,  # official; False: centre-crop features computed once (faster)
+        # The official training views: RandomResizedCrop(scale 0.08-1) and a flip.
+        crop_scale=(0.08, 1.0), flip_prob=0.5,
         train_fraction=1.0, seed=0))
 
     config.fewshot = ml_collections.ConfigDict(dict(

@@ -161,6 +161,8 @@ RUN_CONFIG = (f'--run_config={TINY}',
               *(flag.replace('--config.', '--run_config.') for flag in SMALL))
 FAST_LINEAR = ('--config.linear.epochs=1', '--config.linear.n_last_blocks=1',
                '--config.linear.lr=0.5')
+FAST_LOW_LABEL = ('--config.fewshot.n_episodes=50', '--config.kmeans.n_init=2',
+                  '--config.attention.num_images=2')
 
 
 def evaluate(*flags):
@@ -187,7 +189,8 @@ def exported(small_mnist_run, tmp_path_factory):
 def test_workdir_and_exported_file_give_the_same_numbers(small_mnist_run, exported,
                                                          tmp_path):
     from_workdir = succeeded(evaluate(
-        '--workdir', small_mnist_run, '--config.protocols=knn,linear', *FAST_LINEAR,
+        '--workdir', small_mnist_run, *FAST_LINEAR, *FAST_LOW_LABEL,
+        '--config.protocols=knn,linear,fewshot,retrieval,kmeans,attention',
         '--out', tmp_path / 'workdir.json'), tmp_path / 'workdir.json')
     result = evaluate('--backbone', exported, *RUN_CONFIG, '--config.protocols=knn',
                       '--out', tmp_path / 'file.json')
@@ -201,8 +204,20 @@ def test_workdir_and_exported_file_give_the_same_numbers(small_mnist_run, export
     assert 20 < knn['top1'] <= knn['top5'] <= 100
     probe = from_workdir['results']['linear']
     assert 10 < probe['top1'] <= 100 and len(probe['epochs']) == 1
-    assert set(from_workdir['seconds']) == {'features', 'knn', 'linear'}
-    assert 'knn       top1' in result.stdout  # the printed table
+    assert set(from_workdir['seconds']) == {'features', 'knn', 'linear', 'fewshot',
+                                            'retrieval', 'kmeans', 'attention'}
+    assert re.search(rf'^knn +top1 +{knn["top1"]:.2f}$', result.stdout, re.M)  # the table
+    # The other protocols' modules, wired with the options of configs/evaluate.py.
+    numbers = from_workdir['results']
+    assert 20 < numbers['fewshot']['accuracy'] <= 100 and numbers['fewshot']['ci95'] > 0
+    recalls = [numbers['retrieval'][f'recall@{k}'] for k in (1, 2, 4, 8)]
+    assert recalls == sorted(recalls) and 0 < recalls[0]
+    assert 0 < numbers['kmeans']['nmi'] <= 100
+    figures = sorted((tmp_path / 'workdir.attention').iterdir())
+    assert [path.name for path in figures] == numbers['attention']['files']
+    assert len(figures) == 2 and all(path.suffix == '.png' for path in figures)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        'file.json', 'workdir.attention', 'workdir.json']  # no temporary left
 
 
 def test_pixel_and_random_baselines(small_mnist_run, tmp_path):

@@ -59,12 +59,13 @@ def resize_center_crop(image: Image.Image, resize_size: int, image_size: int) ->
 
 def load_example(index: int, source, resize_size: int, image_size: int,
                  squash: bool = False, random_crop: tuple[int, ...] | None = None,
-                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> dict[str, Any]:
+                 crop_scale: tuple[float, float] = (0.08, 1.0),
+                 flip_prob: float = 0.5) -> dict[str, Any]:
     """One batch row: the source's example `index`, or a padding row when `index` < 0.
 
     With `random_crop` (a seed, e.g. (seed, epoch)) the row is the linear probe's training
     view instead: torchvision's `RandomResizedCrop(image_size)` (bilinear, `crop_scale`)
-    and a horizontal flip, drawn from a generator seeded with (*random_crop, index), so
+    and a horizontal flip (probability `flip_prob`), drawn from a generator seeded with (*random_crop, index), so
     the crops do not depend on the batch, the worker or the process.
     """
     example = dict(image=np.zeros((image_size, image_size, 3), np.uint8),
@@ -80,8 +81,8 @@ def load_example(index: int, source, resize_size: int, image_size: int,
         return example
     if random_crop is not None:
         rng = np.random.default_rng([*random_crop, int(index)])
-        example['image'] = crops_lib.random_resized_crop(image, rng, image_size, crop_scale,
-                                                         resample=Image.BILINEAR)
+        example['image'] = crops_lib.random_resized_crop(
+            image, rng, image_size, crop_scale, flip_prob, resample=Image.BILINEAR)
     elif squash:  # the whole image, aspect ratio lost: torchvision's Resize((S, S)), bilinear
         example['image'] = np.asarray(image.resize((image_size, image_size), Image.BILINEAR))
     else:
@@ -122,7 +123,8 @@ def make_eval_input(source, *, image_size: int, batch_size: int,
                     process_index: int = 0, process_count: int = 1,
                     num_workers: int = 0, squash: bool = False,
                     random_crop: tuple[int, ...] | None = None,
-                    crop_scale: tuple[float, float] = (0.08, 1.0)) -> EvalInput:
+                    crop_scale: tuple[float, float] = (0.08, 1.0),
+                    flip_prob: float = 0.5) -> EvalInput:
     """Batches (per process, `batch_size` rows) of `source[indices]`, in that order.
 
     Args:
@@ -136,7 +138,7 @@ def make_eval_input(source, *, image_size: int, batch_size: int,
       num_workers: grain worker processes for decoding (0: in this process).
       squash: resize the whole image to `image_size` square instead (ContrastiveCrop's
         boxes are fractions of the whole image); `resize_size` is then unused.
-      random_crop, crop_scale: random resized crops and flips instead (the linear
+      random_crop, crop_scale, flip_prob: random resized crops and flips instead (the linear
         probe's training views, see `load_example`); `resize_size` is then unused. The
         order is still that of `indices`: shuffle them per epoch.
     """
@@ -155,7 +157,8 @@ def make_eval_input(source, *, image_size: int, batch_size: int,
     slots = process_indices(indices, batch_size, process_index, process_count)
     dataset = grain.MapDataset.source(slots).map(functools.partial(
         load_example, source=source, resize_size=resize_size, image_size=image_size,
-        squash=squash, random_crop=random_crop, crop_scale=crop_scale))
+        squash=squash, random_crop=random_crop, crop_scale=crop_scale,
+        flip_prob=flip_prob))
     dataset = dataset.batch(batch_size).to_iter_dataset()
     if num_workers:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

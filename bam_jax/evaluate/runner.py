@@ -219,7 +219,9 @@ class Evaluation:
             def train_batches(epoch):
                 order = np.random.default_rng([settings.seed, epoch]).permutation(indices)
                 return self._input(self.train_source, batch_size=settings.batch_size,
-                                   indices=order, random_crop=(settings.seed, epoch))
+                                   indices=order, random_crop=(settings.seed, epoch),
+                                   crop_scale=tuple(settings.crop_scale),
+                                   flip_prob=settings.flip_prob)
         else:
             train = self._extract(features_fn, self._input(self.train_source,
                                                            indices=indices))
