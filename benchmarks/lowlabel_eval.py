@@ -66,7 +66,8 @@ def main():
     print(f"Low-label protocols on N x {args.dim} random features, {N_CLASSES} classes, "
           f"best of {args.repeats}; one 4096^3 fp32 matmul = {matmul_seconds * 1e3:.0f} ms "
           f"({peak['peak_source']}); load average {peak['load_average'][0]:.1f}")
-    print(f"{'function':<20} {'N':>6} {'first call s':>13} {'run s':>8} {'run / matmul':>13}")
+    print(f"{'function':<20} {'N':>6} {'first call s':>13} {'run s':>8} "
+          f"{'run / matmul':>13}")
     for row in rows:
         print(f"{row['function']:<20} {row['n']:>6} {row['first_call_seconds']:13.2f} "
               f"{row['run_seconds']:8.3f} {row['run_in_matmuls']:13.2f}")

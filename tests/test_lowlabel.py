@@ -53,6 +53,10 @@ def test_episodes_are_seeded_disjoint_and_within_one_class_per_way():
     with pytest.raises(ValueError, match='need 7 classes of at least 20 examples; the '
                                          'labels have 6 such classes'):
         fewshot.sample_episodes(labels, n_way=7, n_shot=5, n_query=15)
+    with pytest.raises(ValueError, match=r'labels \[N\]; got features \(3, 4\) and labels'):
+        fewshot.few_shot(np.zeros((3, 4)), labels[:2])
+    with pytest.raises(ValueError, match="Unknown classifier 'svm'"):
+        fewshot.few_shot(np.zeros((3, 4)), labels[:3], classifier='svm')
 
 
 @pytest.mark.parametrize('classifier', fewshot.CLASSIFIERS)
@@ -84,7 +88,8 @@ def test_logistic_regression_matches_scikit_learn():
     queries = rng.normal(size=(40, 48))
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     reference = linear_model.LogisticRegression(C=fewshot.LOGISTIC_C, tol=1e-12,
-                                                max_iter=100_000).fit(features.astype(np.float64), labels)
+                                                max_iter=100_000)
+    reference.fit(features.astype(np.float64), labels)
     with jax.default_matmul_precision('highest'):
         weights, bias = fewshot.fit_logistic(jnp.asarray(features), jnp.asarray(labels), 5)
         probabilities = jax.nn.softmax(jnp.asarray(queries, jnp.float32) @ weights + bias)

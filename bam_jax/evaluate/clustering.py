@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bam_jax.evaluate.features import check_features_and_labels
 from bam_jax.evaluate.knn import inverse_norms
 
 
@@ -121,7 +122,8 @@ def adjusted_rand_index(labels_true, labels_pred) -> float:
     table = contingency_table(labels_true, labels_pred).astype(np.float64)
     pairs = lambda counts: np.sum(counts * (counts - 1.0)) / 2.0  # noqa: E731
     total = table.sum()
-    together, rows, columns = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
+    together = pairs(table)
+    rows, columns = pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
     expected = rows * columns / max(total * (total - 1.0) / 2.0, 1.0)
     maximum = (rows + columns) / 2.0
     if maximum == expected:
@@ -139,9 +141,7 @@ def kmeans_scores(features, labels, *, n_clusters: int | None = None, n_init: in
       n_clusters: default the number of distinct labels, as the paper.
       seed: of the k-means++ seeding.
     """
-    if np.ndim(features) != 2 or np.shape(labels) != np.shape(features)[:1]:
-        raise ValueError(f'features must be [N, D] and labels [N]; got features '
-                         f'{np.shape(features)} and labels {np.shape(labels)}.')
+    check_features_and_labels(features, labels)
     labels = np.asarray(labels)
     if n_clusters is None:
         n_clusters = len(np.unique(labels))

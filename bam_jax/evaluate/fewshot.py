@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bam_jax.evaluate.features import check_features_and_labels
 from bam_jax.evaluate.knn import inverse_norms
 
 CLASSIFIERS = ('prototype', 'logistic')
@@ -175,9 +176,7 @@ def few_shot(features, labels, *, n_way: int = 5, n_shot: int = 5, n_query: int 
     """
     if classifier not in CLASSIFIERS:
         raise ValueError(f'Unknown classifier {classifier!r}; valid: {CLASSIFIERS}.')
-    if np.ndim(features) != 2 or np.shape(labels) != np.shape(features)[:1]:
-        raise ValueError(f'features must be [N, D] and labels [N]; got features '
-                         f'{np.shape(features)} and labels {np.shape(labels)}.')
+    check_features_and_labels(features, labels)
     support, query = sample_episodes(labels, n_way=n_way, n_shot=n_shot, n_query=n_query,
                                      n_episodes=n_episodes, seed=seed)
     accuracies = 100.0 * np.asarray(

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bam_jax.evaluate.features import check_features_and_labels
 from bam_jax.evaluate.knn import inverse_norms
 
 QUERY_BLOCK = 256
@@ -55,9 +56,7 @@ def recall_at_k(features, labels, ks=(1, 2, 4, 8)) -> dict:
       labels: int `[N]`.
       ks: each in [1, N - 1].
     """
-    if np.ndim(features) != 2 or np.shape(labels) != np.shape(features)[:1]:
-        raise ValueError(f'features must be [N, D] and labels [N]; got features '
-                         f'{np.shape(features)} and labels {np.shape(labels)}.')
+    check_features_and_labels(features, labels)
     n_items = np.shape(features)[0]
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1 or max(ks) > n_items - 1:
