@@ -14,19 +14,24 @@ def initial_boxes(num_images: int) -> np.ndarray:
     return np.tile(np.asarray([0.0, 0.0, 1.0, 1.0], np.float32), (num_images, 1))
 
 
+def upsampled_maps(maps: jax.Array, image_size: int) -> jax.Array:
+    """Maps `[N, h, w]` each shifted to a minimum of 0, divided by its maximum + 1e-5 and
+    upsampled bilinearly (half-pixel centres, torch's align_corners=False) to
+    `[N, image_size, image_size]`: the official ContrastiveCrop heat map, in [0, 1)."""
+    maps = maps - jnp.min(maps, axis=(1, 2), keepdims=True)
+    maps = maps / (jnp.max(maps, axis=(1, 2), keepdims=True) + 1e-5)
+    return jax.image.resize(maps, (maps.shape[0], image_size, image_size), 'bilinear',
+                            antialias=False)
+
+
 def boxes_from_maps(maps: jax.Array, image_size: int = 224,
                     threshold: float = 0.1) -> jax.Array:
     """Boxes `[N, 4]` from attention maps `[N, h, w]` over a grid of the image.
 
-    Each map is shifted to a minimum of 0 and divided by its maximum + 1e-5, upsampled
-    bilinearly (half-pixel centres, torch's align_corners=False) to the image size; the
-    box spans the first to last row and column whose maximum exceeds `threshold`, as
-    fractions of the size.
+    The box spans the first to last row and column of the `upsampled_maps` whose maximum
+    exceeds `threshold`, as fractions of the size.
     """
-    maps = maps - jnp.min(maps, axis=(1, 2), keepdims=True)
-    maps = maps / (jnp.max(maps, axis=(1, 2), keepdims=True) + 1e-5)
-    maps = jax.image.resize(maps, (maps.shape[0], image_size, image_size), 'bilinear',
-                            antialias=False)
+    maps = upsampled_maps(maps, image_size)
 
     def span(above):  # [N, image_size] booleans → first and last True
         positions = jnp.arange(image_size)
@@ -39,29 +44,41 @@ def boxes_from_maps(maps: jax.Array, image_size: int = 224,
     return jnp.stack([row_min, column_min, row_max, column_max], axis=1) / image_size
 
 
+def cls_attention_maps(attention: jax.Array) -> jax.Array:
+    """A ViT's last-block attention `[N, heads, 1 + P, 1 + P]` → the CLS query's attention
+    to the P patch keys on the square patch grid, `[N, heads, side, side]`."""
+    cls_to_patches = attention[:, :, 0, 1:]
+    side = int(round(cls_to_patches.shape[-1] ** 0.5))
+    return cls_to_patches.reshape(cls_to_patches.shape[:2] + (side, side))
+
+
 def boxes_from_attention(attention: jax.Array, image_size: int = 224,
                          threshold: float = 0.1) -> jax.Array:
     """Boxes `[N, 4]` from a ViT's last-block attention `[N, heads, 1 + P, 1 + P]`: the
-    CLS query's attention to the P patch keys, summed over heads (`boxes_from_maps`)."""
-    cls_to_patches = jnp.sum(attention[:, :, 0, 1:], axis=1)
-    side = int(round(cls_to_patches.shape[-1] ** 0.5))
-    return boxes_from_maps(cls_to_patches.reshape(-1, side, side), image_size, threshold)
+    CLS attention maps summed over heads (`boxes_from_maps`)."""
+    return boxes_from_maps(jnp.sum(cls_attention_maps(attention), axis=1), image_size,
+                           threshold)
+
+
+def model_attention_maps(model, variables, images: jax.Array) -> jax.Array:
+    """Per-head maps `[N, heads, h, w]` float32 of the last attention block from a
+    backbone's `encode`: a ViT's `cls_attention_maps`, or a CAFormer's `attention_map`
+    (the last attention block's, averaged over its queries, as the official
+    `get_selfattention` meant; bug B7)."""
+    features = model.apply(variables, images, return_attention=True, method=model.encode)
+    if 'attention_map' in features:
+        return features['attention_map'].astype(jnp.float32)
+    return cls_attention_maps(features['attention'].astype(jnp.float32))
 
 
 def model_boxes(model, variables, images: jax.Array, threshold: float = 0.1) -> jax.Array:
-    """Boxes for normalised, square-resized images `[N, S, S, 3]` from a backbone's
-    `encode`: a ViT's CLS attention, or a CAFormer's `attention_map` `[N, heads, h, w]`
-    (the last attention block's, averaged over its queries, as the official
-    `get_selfattention` meant; bug B7) summed over heads.
+    """Boxes for normalised, square-resized images `[N, S, S, 3]` from a backbone's last
+    attention block: its `model_attention_maps` summed over heads.
 
     Jit it and shard `images` over the image axis; every op is per image.
     """
-    features = model.apply(variables, images, return_attention=True, method=model.encode)
-    if 'attention_map' in features:
-        maps = jnp.sum(features['attention_map'].astype(jnp.float32), axis=1)
-        return boxes_from_maps(maps, images.shape[1], threshold)
-    return boxes_from_attention(features['attention'].astype(jnp.float32), images.shape[1],
-                                threshold)
+    maps = jnp.sum(model_attention_maps(model, variables, images), axis=1)
+    return boxes_from_maps(maps, images.shape[1], threshold)
 
 
 def update_boxes_after(epoch: int, num_epochs: int, warmup_epochs: int,

@@ -32,6 +32,14 @@ class Features(NamedTuple):
     valid: jax.Array
 
 
+def check_features_and_labels(features, labels) -> None:
+    """Features `[N, D]` and labels `[N]` (NumPy or JAX) of the same rows, else a clear
+    error: what the low-label protocols take."""
+    if np.ndim(features) != 2 or np.shape(labels) != np.shape(features)[:1]:
+        raise ValueError(f'features must be [N, D] and labels [N]; got features '
+                         f'{np.shape(features)} and labels {np.shape(labels)}.')
+
+
 @jax.jit
 def normalize_images(images: jax.Array) -> jax.Array:
     """uint8 `[..., 3]` → float32 with the ImageNet mean/std, as the official transform."""
