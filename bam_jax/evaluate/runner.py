@@ -13,9 +13,12 @@ the attention figures live in their own modules, imported only when asked for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import pathlib
+import sys
 import time
 from typing import Any, Callable
 
@@ -100,7 +103,11 @@ def load_subject(kind: str, run_config, *, workdir: pathlib.Path | None, step: i
         variables = export.import_backbone(backbone_file, run_config, weights=weights)
         return Subject(kind, backbone, variables,
                        {'backbone': str(backbone_file.absolute()), 'weights': weights})
-    _, state, step = export.restore_state(workdir, step)
+    # On a corrupt checkpoint orbax's reader threads may print tracebacks of their own
+    # beside the ExportError that names the file: keep them only if the restore worked.
+    with contextlib.redirect_stderr(io.StringIO()) as noise:
+        _, state, step = export.restore_state(workdir, step)
+    sys.stderr.write(noise.getvalue())
     if weights is None:
         weights = 'teacher' if state.teacher_params is not None else 'student'
     return Subject(kind, backbone, export.backbone_variables(state, weights),
