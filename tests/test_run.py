@@ -8,13 +8,11 @@ processes on 127.0.0.1.
 
 import importlib.util
 import json
-import os
 import pathlib
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
