@@ -50,7 +50,7 @@ _OUT = flags.DEFINE_string('out', None, 'Where to write the results (JSON).')
 def _fail(message: str):
     """One `error:` line and exit status 1, at once: no library thread still winding
     down (orbax's, after a failed restore) gets to print at interpreter shutdown."""
-    print(f'error: {message}', file=sys.stderr, flush=True)
+    print(f'error: {message}', file=sys.__stderr__, flush=True)
     sys.stdout.flush()
     os._exit(1)
 

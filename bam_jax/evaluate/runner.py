@@ -82,6 +82,19 @@ def resolve_data(config, run_config) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(resolved)
 
 
+@contextlib.contextmanager
+def _stderr_only_on_success():
+    """Holds back what is written to `sys.stderr`; on success writes it out, on failure
+    leaves `sys.stderr` a sink, so the command's one `error:` line (written to
+    `sys.__stderr__`) stays alone: on a corrupt checkpoint tensorstore's reader threads
+    still call into orbax's closed event loop and print tracebacks after the
+    ExportError that names the file."""
+    original, sys.stderr = sys.stderr, io.StringIO()
+    yield  # an exception here leaves the sink in place
+    held, sys.stderr = sys.stderr, original
+    original.write(held.getvalue())
+
+
 def load_subject(kind: str, run_config, *, workdir: pathlib.Path | None, step: int | None,
                  weights: str | None, backbone_file: pathlib.Path | None) -> Subject:
     """The backbone and variables to evaluate; errors (ExportError, ArchitectureMismatch)
@@ -102,11 +115,8 @@ def load_subject(kind: str, run_config, *, workdir: pathlib.Path | None, step: i
         variables = export.import_backbone(backbone_file, run_config, weights=weights)
         return Subject(kind, backbone, variables,
                        {'backbone': str(backbone_file.absolute()), 'weights': weights})
-    # On a corrupt checkpoint orbax's reader threads may print tracebacks of their own
-    # beside the ExportError that names the file: keep them only if the restore worked.
-    with contextlib.redirect_stderr(io.StringIO()) as noise:
+    with _stderr_only_on_success():
         _, state, step = export.restore_state(workdir, step)
-    sys.stderr.write(noise.getvalue())
     if weights is None:
         weights = 'teacher' if state.teacher_params is not None else 'student'
     return Subject(kind, backbone, export.backbone_variables(state, weights),
