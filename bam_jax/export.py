@@ -74,6 +74,7 @@ def restore_state(workdir: pathlib.Path, step: int | None = None):
     so a checkpoint written on any number of devices restores here. If the checkpoint
     also saved its config, its `model` must equal config.json's.
     """
+    workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
     config = load_run_config(workdir)
     directory = workdir / 'checkpoints'
     steps = []

@@ -6,6 +6,7 @@ already have imported into this one (torch after TensorFlow segfaults).
 """
 
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -150,10 +151,11 @@ def exports(tiny_run, tmp_path_factory):
     """The trained step by the real command (teacher + official file); step 0 in-process."""
     _, workdir, _ = tiny_run
     out = tmp_path_factory.mktemp('exports')
-    command = subprocess.run(
-        [sys.executable, '-m', 'bam_jax.export', '--workdir', str(workdir),
+    command = subprocess.run(  # a relative --workdir, as typed (orbax wants absolute)
+        [sys.executable, '-m', 'bam_jax.export', '--workdir', workdir.name,
          '--out', str(out / 'trained.safetensors'), '--official'],
-        capture_output=True, text=True, cwd=REPOSITORY, check=False)
+        capture_output=True, text=True, cwd=workdir.parent, check=False,
+        env=dict(os.environ, PYTHONPATH=str(REPOSITORY)))
     assert command.returncode == 0, command.stderr
     random_init = export.export_workdir(workdir, out / 'random.pth', step=0,
                                         weights='student')
