@@ -37,6 +37,7 @@ from bam_jax.models.multicrop import build_network
 from bam_jax.models.timm_names import ArchitectureMismatch, create_model_line, timm_backbone
 from bam_jax.train import build_training
 from bam_jax.train import checkpoint as checkpoint_lib
+from bam_jax.train import state as state_lib
 
 FORMATS = {'.safetensors': 'safetensors', '.pth': 'pth', '.pt': 'pth'}
 WEIGHTS = ('teacher', 'student')
@@ -162,17 +163,10 @@ def _check_saved_shapes(abstract_state, step_directory: pathlib.Path,
 
 def backbone_variables(state, weights: str) -> dict[str, Any]:
     """The backbone's {'params'[, 'batch_stats']} of the student or the EMA teacher."""
-    if weights == 'teacher':
-        if state.teacher_params is None:
-            raise ExportError("this run has no teacher (config.teacher=False); "
-                              "use --weights student")
-        params, stats = state.teacher_params, state.teacher_batch_stats
-    else:
-        params, stats = state.params, state.batch_stats
-    variables = {'params': params['backbone']}
-    if stats and stats.get('backbone'):
-        variables['batch_stats'] = stats['backbone']
-    return variables
+    try:
+        return state_lib.backbone_variables(state, weights)
+    except ValueError as error:
+        raise ExportError(f'{error}; use --weights student') from error
 
 
 # ---------------------------------------------------------------------------

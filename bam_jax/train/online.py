@@ -15,19 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bam_jax.data import ccrop, eval_input, sources
 from bam_jax.evaluate import knn_accuracy, normalize_images
-
-
-def backbone_variables(state, weights: str) -> dict:
-    """The backbone's variables of the 'student' or the 'teacher' (the student when the
-    run has no teacher, as the official box update does)."""
-    if weights == 'teacher' and state.teacher_params is not None:
-        params, batch_stats = state.teacher_params, state.teacher_batch_stats
-    else:
-        params, batch_stats = state.params, state.batch_stats
-    variables = {'params': params['backbone']}
-    if batch_stats and 'backbone' in batch_stats:
-        variables['batch_stats'] = batch_stats['backbone']
-    return variables
+from bam_jax.train.state import backbone_variables
 
 
 def _eval_input(config, source, *, image_size: int, resize_size: int | None,
@@ -82,7 +70,9 @@ def contrastive_crop_boxes(config, backbone, state, source,
     size = config.data.ccrop_image_size
     batches = _eval_input(config, source, image_size=size, resize_size=size, squash=True)
     boxes = ccrop.initial_boxes(len(source))
-    variables = backbone_variables(state, 'teacher')
+    # The teacher, or the student when the run has none (as the official box update).
+    variables = backbone_variables(
+        state, 'student' if state.teacher_params is None else 'teacher')
     model_boxes = jax.jit(functools.partial(ccrop.model_boxes, backbone,
                                             threshold=config.data.ccrop_box_threshold))
     rows = NamedSharding(mesh, P('data'))

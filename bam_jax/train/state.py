@@ -63,5 +63,22 @@ def create_train_state(network: nn.Module, tx: optax.GradientTransformation, rng
     return jax.eval_shape(init) if abstract else init()
 
 
+def backbone_variables(state: TrainState, weights: str) -> dict[str, Any]:
+    """The backbone's {'params'[, 'batch_stats']} of the 'student' or the EMA 'teacher'
+    (ValueError if the run has no teacher): what evaluation and export apply."""
+    if weights == 'teacher':
+        if state.teacher_params is None:
+            raise ValueError("this run has no teacher (config.teacher=False)")
+        params, stats = state.teacher_params, state.teacher_batch_stats
+    elif weights == 'student':
+        params, stats = state.params, state.batch_stats
+    else:
+        raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
+    variables = {'params': params['backbone']}
+    if stats and stats.get('backbone'):
+        variables['batch_stats'] = stats['backbone']
+    return variables
+
+
 def count_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))

@@ -1,7 +1,7 @@
 """The MNIST default cut to its first 2 epochs (62 steps), every step logged.
 
 At this point of the default schedule (the end of the learning-rate warm-up) the kNN
-of the teacher is already well above that of the same ViT at random initialisation.
+of the student is already above that of the same ViT at random initialisation.
 """
 
 from configs import mnist
