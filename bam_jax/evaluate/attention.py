@@ -36,7 +36,8 @@ _COLORMAP = np.asarray([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98
                         [253, 231, 37]], np.float64)
 
 
-def _check_backbone(backbone) -> None:
+def check_backbone(backbone) -> None:
+    """ValueError unless the backbone has self-attention maps (ViT, CAFormer)."""
     if not isinstance(backbone, (VisionTransformer, CAFormer)):
         raise ValueError(f'Attention maps need a ViT or CAFormer backbone; '
                          f'{type(backbone).__name__} has no self-attention.')
@@ -46,7 +47,7 @@ def attention_maps(backbone, variables, images: jax.Array) -> jax.Array:
     """Per-head last-block attention maps `[N, heads, h, w]` over the patch grid of
     normalised images `[N, S, S, 3]` (float32; a ViT's sum over the grid is the CLS
     attention to the patches, a CAFormer's is 1). Pure: jit it with the backbone bound."""
-    _check_backbone(backbone)
+    check_backbone(backbone)
     return ccrop.model_attention_maps(backbone, variables, images)
 
 
@@ -105,7 +106,7 @@ def save_attention_maps(backbone, variables, images_uint8, out_dir, *,
             not len(images)):
         raise ValueError(f'images_uint8 must be uint8 [N, H, W, 3] with N ≥ 1; got '
                          f'{images.dtype} {images.shape}.')
-    _check_backbone(backbone)
+    check_backbone(backbone)
     images = _resized(images, image_size)
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

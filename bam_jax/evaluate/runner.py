@@ -35,7 +35,6 @@ from bam_jax.evaluate import features as features_lib
 from bam_jax.evaluate import knn as knn_lib
 from bam_jax.evaluate import linear as linear_lib
 from bam_jax.models.multicrop import build_network
-from bam_jax.models.vit import VisionTransformer
 from bam_jax.train.builder import crop_shapes
 from bam_jax.train.state import create_train_state
 
@@ -282,11 +281,14 @@ class Evaluation:
 
     def check(self, protocols: list[str]):
         """Settings errors before any feature is computed."""
-        if 'attention' in protocols and not isinstance(self.subject.backbone,
-                                                       VisionTransformer):
-            raise EvaluationError('the attention protocol needs a ViT and checkpoint or '
-                                  f'random features, not {self.subject.kind} '
-                                  f'{self.run_config.model.name}')
+        if 'attention' in protocols:
+            from bam_jax.evaluate.attention import check_backbone
+            try:
+                if self.subject.kind == 'pixels':
+                    raise ValueError('raw pixels have no attention maps')
+                check_backbone(self.subject.backbone)
+            except ValueError as error:
+                raise EvaluationError(f'the attention protocol: {error}') from error
         if 'linear' in protocols and self.subject.kind != 'pixels':
             linear_lib.feature_layout(self.subject.backbone,
                                       n_last_blocks=self.config.linear.n_last_blocks,
