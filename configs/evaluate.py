@@ -58,7 +58,7 @@ def get_config():
     config.retrieval = ml_collections.ConfigDict(dict(split='test', ks=(1, 2, 4, 8)))
     config.kmeans = ml_collections.ConfigDict(dict(
         split='test', n_clusters=placeholder(int), n_init=10, max_iters=100, seed=0))
-    # Last-block CLS attention of the first test images (ViT only), as PNGs in a
+    # Last-block attention maps of the first test images (ViT, CAFormer), as PNGs in a
     # directory beside --out (OUT_STEM.attention/).
     config.attention = ml_collections.ConfigDict(dict(num_images=8))
     return config
