@@ -65,8 +65,9 @@ def load_example(index: int, source, resize_size: int, image_size: int,
 
     With `random_crop` (a seed, e.g. (seed, epoch)) the row is the linear probe's training
     view instead: torchvision's `RandomResizedCrop(image_size)` (bilinear, `crop_scale`)
-    and a horizontal flip (probability `flip_prob`), drawn from a generator seeded with (*random_crop, index), so
-    the crops do not depend on the batch, the worker or the process.
+    and a horizontal flip (probability `flip_prob`), drawn from a generator seeded with
+    (*random_crop, index), so the crops do not depend on the batch, the worker or the
+    process.
     """
     example = dict(image=np.zeros((image_size, image_size, 3), np.uint8),
                    label=np.int32(-1), index=np.int32(index), valid=np.bool_(False))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 from absl import app, flags, logging
@@ -141,10 +142,8 @@ def main(argv):
                 if staging is not None:
                     os.replace(staging, attention_dir)
         finally:
-            if staging is not None and staging.exists():
-                for path in staging.iterdir():
-                    path.unlink()
-                staging.rmdir()
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
     except (export.ExportError, DataError, ValueError, OSError) as error:
         # ValueError: bad settings and the architecture mismatches (ArchitectureMismatch).
         _fail(str(error).replace('\n', ' '))
