@@ -19,5 +19,7 @@ from configs import vit_base_imagenet
 
 def get_config():
     config = vit_base_imagenet.get_config()
-    config.model = ml_collections.ConfigDict(dict(name='caformer_m36', remat=True))
+    # depths and dims size it (blocks and width per stage; these are M36's).
+    config.model = ml_collections.ConfigDict(dict(
+        name='caformer_m36', depths=(3, 12, 18, 3), dims=(96, 192, 384, 576), remat=True))
     return config

@@ -19,7 +19,9 @@ from configs import vit_small_imagenet
 
 def get_config():
     config = vit_small_imagenet.get_config()
-    config.model = ml_collections.ConfigDict(dict(name='resnet50'))
+    # stage_depths and width size it ((3, 4, 6, 3) and 64: ResNet-50).
+    config.model = ml_collections.ConfigDict(dict(name='resnet50', stage_depths=(3, 4, 6, 3),
+                                                  width=64))
     config.projector.activation = 'relu'
     config.data.ccrop = False
     config.optimizer.update(

@@ -12,6 +12,6 @@ from configs import vit_small_imagenet
 
 def get_config():
     config = vit_small_imagenet.get_config()
-    config.model.variant = 'base'
+    config.model.update(variant='base', embed_dim=768, depth=12, num_heads=12)
     config.model.remat = True
     return config

@@ -9,6 +9,7 @@ top-k 128, 3-layer 4096-wide GELU projector without BN.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -18,9 +19,11 @@ def get_config():
     config.epochs = 400
     config.compute_dtype = 'float32'
 
+    # variant names the timm model; embed_dim, depth and num_heads size it (ViT-S: BAM's
+    # 12 heads, not timm's 6).
     config.model = ml_collections.ConfigDict(dict(
-        name='vit', variant='small', patch_size=16, img_size=224, drop_path_rate=0.0,
-        remat=False))
+        name='vit', variant='small', patch_size=16, img_size=224, embed_dim=384, depth=12,
+        num_heads=12, drop_path_rate=0.0, remat=False))
     config.projector = ml_collections.ConfigDict(dict(
         n_layers=3, hidden_dim=4096, out_dim=4096, activation='gelu', use_bias=True,
         use_bn=False, last_bn=False))
@@ -38,10 +41,12 @@ def get_config():
         local_blur_prob=0.5, global_solarize_prob=(0.0, 0.2), local_solarize_prob=0.0,
         ccrop_alpha=0.6))
 
-    # source: 'tfds' (ArrayRecord, by name) | 'folder' (data_dir/split/<class>/<image>)
-    # | 'mnist' (embedded 4,000 / 1,000 split) | 'synthetic'.
+    # source: 'tfds' (ArrayRecord, by name) | 'folder' (data_dir/split/<class>/<image>,
+    # or data_dir/split/<image> unlabelled) | 'mnist' (embedded 4,000 / 1,000) | 'synthetic'.
     config.data = ml_collections.ConfigDict(dict(
-        source='tfds', name='imagenet2012', data_dir=None, split='train',
+        source='tfds', name='imagenet2012',
+        data_dir=placeholder(str),  # TFDS data_dir (default ~/tensorflow_datasets) or folder root
+        split='train',
         num_workers=10,  # per process, as the official loader's --num_workers 10
         max_bad_fraction=0.001,  # stop the run when more images than this are unreadable
         synthetic_num_examples=10_000, synthetic_image_shape=(375, 500),
@@ -59,10 +64,13 @@ def get_config():
         min_lr=1e-3, warmup_epochs=40, weight_decay=0.04, weight_decay_end=0.4,
         clip_grad=0.3, b1=0.9, b2=0.999, eps=1e-8, lars_momentum=0.9, lars_eta=0.001))
 
-    # Online kNN (official §6.1): every `every_epochs` epochs and after the last, student
-    # and teacher, on a class-balanced `train_fraction` of train against all of `val_split`.
+    # Online kNN (official §6.1): every `every_epochs` epochs (0: off) and after the last,
+    # student and teacher, on a class-balanced `train_fraction` of `train_split` (default:
+    # data.split) against all of `val_split`. Off, with one line, when the train split has
+    # no labels (an unlabelled folder) and no labelled `train_split` is given.
     config.knn = ml_collections.ConfigDict(dict(
-        every_epochs=16, train_fraction=0.1, val_split='validation', k=20,
+        every_epochs=16, train_split=placeholder(str), train_fraction=0.1,
+        val_split='validation', k=20,
         temperature=0.07, resize_size=256, image_size=224, batch_size=1024))
 
     # Run control.
