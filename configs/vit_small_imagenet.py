@@ -47,6 +47,10 @@ def get_config():
         source='tfds', name='imagenet2012',
         data_dir=placeholder(str),  # TFDS data_dir (default ~/tensorflow_datasets) or folder root
         split='train',
+        # folder only. 'auto': <split>/<class>/<image> is labelled by class, while images
+        # lying directly in <split>/ make it unlabelled; 'none': unlabelled, every image
+        # below <split>/ at any depth.
+        folder_labels='auto',
         num_workers=10,  # per process, as the official loader's --num_workers 10
         max_bad_fraction=0.001,  # stop the run when more images than this are unreadable
         synthetic_num_examples=10_000, synthetic_image_shape=(375, 500),
