@@ -11,6 +11,7 @@ and SLURM jobs `jax.distributed` is initialised from the environment; elsewhere 
 
 import logging as python_logging
 import os
+import shlex
 import signal
 import sys
 
@@ -30,6 +31,15 @@ _COORDINATOR = flags.DEFINE_string(
     'JAX cannot detect (TPU pods and SLURM are detected).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0-based.')
+_FROM_STEP = flags.DEFINE_integer(
+    'from_step', None, 'Resume from this checkpoint step instead of the newest; later '
+    'checkpoints are moved to WORKDIR/replaced/<time>/.')
+_FRESH = flags.DEFINE_bool(
+    'fresh', False, 'Start afresh in the workdir; the earlier run\'s files are moved to '
+    'WORKDIR/replaced/<time>/.')
+_FORCE_CONFIG = flags.DEFINE_bool(
+    'force_config', False, 'Resume even though keys that define the run (batch_size, '
+    'epochs, model, data, ...) differ from the saved run\'s.')
 
 
 def _cluster_detected() -> bool:
@@ -73,11 +83,42 @@ def main(argv):
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), workdir)
     try:
-        result = train_and_evaluate(config, workdir)
+        result = train_and_evaluate(config, workdir, from_step=_FROM_STEP.value,
+                                    fresh=_FRESH.value, force_config=_FORCE_CONFIG.value)
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as error:
         sys.exit(f'error: {error}')
-    if result['preempted']:
-        sys.exit(128 + signal.SIGTERM)  # stopped early, resumable: as if killed by it
+    except KeyboardInterrupt:  # before the first step: nothing to save yet
+        sys.exit(128 + signal.SIGINT)
+    if jax.process_index() == 0:
+        print(_summary(result, workdir), flush=True)
+    if result['signal']:
+        sys.exit(128 + result['signal'])  # stopped early, resumable: as if killed by it
+
+
+def _summary(result: dict, workdir: str) -> str:
+    """Where the run's outputs are and what to run next."""
+    step, stopped = result['step'], result['signal']
+    if stopped:
+        head = (f'Stopped by {signal.Signals(stopped).name} at step {step}; the same command '
+                'resumes from there.')
+    else:
+        knn = ', '.join(f'{name.split("/")[-1]} {value:.1f} %'
+                        for name, value in sorted(result.items()) if name.startswith('knn/'))
+        head = (f'The run finished at step {step}' + (f' (kNN {knn}).' if knn else '.')
+                + (' It had finished before: nothing was recomputed.'
+                   if result['finished_before'] else ''))
+    quoted = shlex.quote(workdir)
+    return '\n'.join([
+        head,
+        f'  {workdir}/checkpoints/   train state (student, EMA teacher, optimizer, input '
+        'position)',
+        f'  {workdir}/metrics.jsonl  every logged scalar (TensorBoard: tensorboard --logdir '
+        f'{quoted})',
+        f'  {workdir}/config.json    the resolved config',
+        'Next:',
+        f'  python -m bam_jax.evaluate --workdir={quoted} --out={quoted}/eval.json',
+        f'  python -m bam_jax.export --workdir={quoted} --out={quoted}/backbone.safetensors',
+    ])
 
 
 if __name__ == '__main__':

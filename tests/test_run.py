@@ -124,28 +124,43 @@ def random_init_knn() -> float:
     return knn(training.state)['knn/teacher_top1']
 
 
-def test_kill_9_then_restart_gives_the_uninterrupted_losses(reference, tmp_path):
+def truncate_newest_array_file(checkpoint_step: pathlib.Path):
+    """Cuts the largest array data file of a checkpoint step in half (a write cut short)."""
+    largest = max((path for path in (checkpoint_step / 'state').rglob('d/*')),
+                  key=lambda path: path.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+
+
+def test_kill_9_and_a_truncated_checkpoint_resume_the_uninterrupted_losses(reference,
+                                                                          tmp_path):
     workdir = tmp_path / 'run'
     process = start(workdir)
     wait_for_step(workdir, 25, process)
     process.kill()
     process.wait()
-    resumed_from = Checkpointer(workdir / 'checkpoints').latest_step()
-    assert resumed_from is not None and 10 <= resumed_from <= 60
+    steps = sorted(Checkpointer(workdir / 'checkpoints').all_steps())
+    assert len(steps) >= 2 and 10 <= steps[-1] <= 60, steps
+    truncate_newest_array_file(workdir / 'checkpoints' / str(steps[-1]))
     assert finish(start(workdir), workdir) == 0
-    assert f'Resumed from step {resumed_from}.' in pathlib.Path(f'{workdir}.log').read_text()
+    log = pathlib.Path(f'{workdir}.log').read_text()
+    warning = [line for line in log.splitlines() if 'is corrupt or unreadable' in line]
+    assert len(warning) == 1 and f'checkpoints/{steps[-1]} is corrupt' in warning[0]
+    assert f'resuming from step {steps[-2]}' in warning[0]
+    assert f'Resumed from step {steps[-2]}.' in log
+    assert (workdir / 'corrupt' / str(steps[-1]) / 'state').is_dir()  # kept
     assert losses(workdir) == losses(reference)  # exactly
 
 
-def test_sigterm_saves_then_resumes_onto_two_devices(reference, tmp_path):
+def test_ctrl_c_saves_then_resumes_onto_two_devices(reference, tmp_path):
     workdir = tmp_path / 'run'
     process = start(workdir)
     wait_for_step(workdir, 13, process)
-    process.send_signal(signal.SIGTERM)
-    assert finish(process, workdir) == 128 + signal.SIGTERM
+    process.send_signal(signal.SIGINT)
+    assert finish(process, workdir) == 128 + signal.SIGINT
     log = pathlib.Path(f'{workdir}.log').read_text()
-    saved = int(log.split('Preempted: saved step ')[1].split(';')[0])
+    saved = int(log.split('Stopped by SIGINT: saved step ')[1].split(';')[0])
     assert saved >= 13 and saved in Checkpointer(workdir / 'checkpoints').all_steps()
+    assert 'Traceback' not in log
     assert finish(start(workdir, devices=2), workdir) == 0  # 4 → 2 devices
     resumed = losses(workdir)
     expected = losses(reference)
@@ -200,7 +215,7 @@ def test_contrastive_crop_boxes_update_on_schedule_and_resume(tmp_path):
                        ccrop_loc_interval=1, ccrop_image_size=32)
     # Boxes after epochs 0 and 1 (not after the last), used from epoch 2 on.
     result = loop.train_and_evaluate(config, str(tmp_path))
-    assert result['step'] == 6 and not result['preempted']
+    assert result['step'] == 6 and result['signal'] is None
     mesh = loop.data_mesh()
     training = builder.build_training(config, mesh, steps_per_epoch=2)
     checkpointer = Checkpointer(tmp_path / 'checkpoints', array_items=('boxes',),

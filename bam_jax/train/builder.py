@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable
 
 import flax.linen as nn
@@ -32,9 +33,11 @@ def validate_config(config, device_count: int):
         if not condition:
             raise ConfigError(message)
     need(config.epochs >= 1, f'config.epochs={config.epochs}: train at least one epoch.')
-    need(0 <= config.optimizer.warmup_epochs <= config.epochs,
-         f'config.optimizer.warmup_epochs={config.optimizer.warmup_epochs} must be in '
-         f'[0, config.epochs={config.epochs}].')
+    need(config.optimizer.warmup_epochs >= 0,
+         f'config.optimizer.warmup_epochs={config.optimizer.warmup_epochs} must be >= 0.')
+    need(config.batch_size >= 1,
+         f'config.batch_size={config.batch_size}: the global batch needs at least one '
+         f'image per device ({device_count}).')
     need(config.batch_size % device_count == 0,
          f'config.batch_size={config.batch_size} is not divisible by the {device_count} '
          'devices; use a multiple.')
@@ -43,6 +46,8 @@ def validate_config(config, device_count: int):
     need(config.loss.n_target_crops <= config.crops.n_global,
          f'config.loss.n_target_crops={config.loss.n_target_crops} exceeds '
          f'config.crops.n_global={config.crops.n_global}.')
+    need(config.loss.top_k >= 0,
+         f'config.loss.top_k={config.loss.top_k}: use 0 (every column) or a positive k.')
     need(config.loss.top_k < config.batch_size * config.crops.n_global,
          f'config.loss.top_k={config.loss.top_k} must be below the number of target '
          f'columns, batch_size × n_global = {config.batch_size * config.crops.n_global}.')
@@ -50,6 +55,15 @@ def validate_config(config, device_count: int):
          f'config.data.ccrop=True needs attention maps, which the {config.model.name!r} '
          f'backbone has none of; set config.data.ccrop=False or use one of '
          f'{list(ATTENTION_BACKBONES)}.')
+
+
+def clamp_warmup(config):
+    """A warm-up longer than the run becomes the whole run (so `--config.epochs=1` works
+    on every config's schedule), said in one line."""
+    if config.optimizer.warmup_epochs > config.epochs:
+        logging.info('config.optimizer.warmup_epochs=%s is longer than the run: warming up '
+                     'over all %d epochs.', config.optimizer.warmup_epochs, config.epochs)
+        config.optimizer.warmup_epochs = config.epochs
 
 
 def frozen_mask(params):

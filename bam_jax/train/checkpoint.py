@@ -8,12 +8,16 @@ of the *current* mesh, so a checkpoint written on 8 devices restores onto 1.
 
 from __future__ import annotations
 
-import pathlib
+import logging
+import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 STATE = 'state'
@@ -32,10 +36,12 @@ class Checkpointer:
     identical on every process.
     """
 
-    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 3,
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
                  save_interval_steps: int = 1, json_items: tuple[str, ...] = (),
                  array_items: tuple[str, ...] = (), async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = epath.Path(directory)
+        if '://' not in str(directory):  # orbax refuses relative local paths
+            self.directory = epath.Path(self.directory.absolute())
         self.json_items = tuple(json_items)
         self.array_items = tuple(array_items)
         handlers = {STATE: ocp.StandardCheckpointHandler(),
@@ -53,6 +59,10 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
+
+    def reload(self):
+        """Re-reads the step list after steps were moved away."""
+        self._manager.reload()
 
     def save(self, step: int, state, *, force: bool = False, **items) -> bool:
         """Starts saving `state` (and the side items) at `step`; False if not due."""
@@ -84,18 +94,74 @@ class Checkpointer:
                 **{name: ocp.args.StandardRestore() for name in self.array_items}}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        except (ValueError, KeyError, FileNotFoundError, TypeError) as error:
-            raise CheckpointError(
-                f'cannot restore step {step} from {self.directory}: {error}') from error
+        except Exception as error:  # tensorstore reports unreadable data as a bare Exception
+            raise CheckpointError(f'checkpoint {self.directory / str(step)} is corrupt or '
+                                  f'unreadable: {root_cause(error)}') from error
         items = {name: restored[name] for name in self.json_items}
         items.update({name: np.asarray(restored[name][name]) for name in self.array_items})
         return restored[STATE], items
+
+    def restore_newest_intact(self, abstract_state, set_aside_to: epath.Path
+                              ) -> tuple[Any, dict, int]:
+        """(state, side items, step) of the newest step that restores.
+
+        A step that does not (a truncated or missing file, a save cut short on a file
+        system without atomic renames) is reported in one warning and moved, not
+        deleted, to `set_aside_to/<step>`, so that later saves never collide with it.
+        Raises `CheckpointError`, moving nothing, when no step restores.
+        """
+        unreadable = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, items = self.restore(abstract_state, step)
+            except CheckpointError as error:
+                unreadable.append((step, error))
+                continue
+            for bad_step, error in unreadable:
+                logging.warning('%s; moved to %s, resuming from step %d.', error,
+                                set_aside_to / str(bad_step), step)
+                self._set_aside(bad_step, set_aside_to)
+            if unreadable:
+                self.reload()
+            return state, items, step
+        steps = ', '.join(str(step) for step, _ in unreadable)
+        raise CheckpointError(f'no checkpoint in {self.directory} restores (steps {steps}; '
+                              f'newest: {unreadable[0][1]}). Start afresh with --fresh '
+                              '(the old files are kept), or pass --workdir elsewhere.')
+
+    def _set_aside(self, step: int, destination: epath.Path):
+        """Process 0 moves step's directory to `destination/<step>` once every process
+        has tried to read it."""
+        multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+        if jax.process_index() == 0:
+            target = destination / str(step)
+            if target.exists():  # set aside before, by an earlier run
+                target = destination / f'{step}.{time.strftime("%Y%m%dT%H%M%S")}'
+            destination.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        multihost_utils.sync_global_devices(f'set aside checkpoint {step}: done')
+
+    def read_json(self, step: int, name: str):
+        """One JSON side item of `step` (e.g. its config), without reading the arrays."""
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
+        except Exception:  # unreadable: the caller decides from the state restore
+            return None
+        return restored[name]
 
     def wait_until_finished(self):
         self._manager.wait_until_finished()
 
     def close(self):
         self._manager.close()
+
+
+def root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause: tensorstore's own words, not orbax's."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return (str(error).splitlines() or [type(error).__name__])[0][:300]
 
 
 def abstract_like(state, mesh: jax.sharding.Mesh):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 import signal
 import time
 from typing import Any
@@ -21,9 +20,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType
 
 from bam_jax.data import ccrop, pipeline, sources
-from bam_jax.train import metrics_log, online
-from bam_jax.train.builder import build_training, validate_config
-from bam_jax.train.checkpoint import Checkpointer, abstract_like
+from bam_jax.train import metrics_log, online, resume
+from bam_jax.train.builder import build_training, clamp_warmup, validate_config
+from bam_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
 from bam_jax.train.step import shard_batch
 
 STEP_INPUTS = ('global', 'local', 'seed')  # what the step reads of a host batch
@@ -34,28 +33,39 @@ class NonFiniteError(RuntimeError):
 
 
 class _Preemption:
-    """SIGTERM → save and stop. Several processes agree on the step through JAX's
-    preemption sync (the coordination service catches the signal); one process catches
-    it itself."""
+    """SIGTERM or SIGINT (Ctrl-C) → save and stop.
+
+    Several processes agree on the step through JAX's preemption sync: its coordination
+    service catches SIGTERM, so a SIGINT is passed on to this process as a SIGTERM. One
+    process catches both itself. `signal` is the first one received (the exit status is
+    128 + it).
+    """
 
     def __init__(self):
-        self.requested = False
+        self.signal: int | None = None
         self._single = jax.process_count() == 1
-        if self._single:
-            self._previous = signal.signal(signal.SIGTERM, self._catch)
+        handled = (signal.SIGTERM, signal.SIGINT) if self._single else (signal.SIGINT,)
+        self._previous = {number: signal.signal(number, self._catch) for number in handled}
 
     def _catch(self, signum, frame):
-        logging.warning('SIGTERM: saving a checkpoint after this step, then stopping.')
-        self.requested = True
+        if self.signal is None:
+            logging.warning('%s: saving a checkpoint after this step, then stopping.',
+                            signal.Signals(signum).name)
+            self.signal = signum
+        if not self._single and signum == signal.SIGINT:
+            signal.raise_signal(signal.SIGTERM)  # to the coordination service's handler
 
     def reached(self, step: int) -> bool:
         if self._single:
-            return self.requested
-        return multihost_utils.reached_preemption_sync_point(step)
+            return self.signal is not None
+        if multihost_utils.reached_preemption_sync_point(step):
+            self.signal = self.signal or signal.SIGTERM
+            return True
+        return False
 
     def restore(self):
-        if self._single:
-            signal.signal(signal.SIGTERM, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -71,31 +81,27 @@ def _check_finite(step: int, metrics: dict[str, Any]):
             'kept: lower optimizer.lr or optimizer.clip_grad, or check the input data.')
 
 
-def _config_changes(saved: dict, current: dict, prefix: str = '') -> list[str]:
-    changes = []
-    for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += _config_changes(old, new, f'{prefix}{key}.')
-        elif old != new:
-            changes.append(f'{prefix}{key}: {old!r} → {new!r}')
-    return changes
+def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
+                       fresh: bool = False, force_config: bool = False) -> dict[str, Any]:
+    """Trains the run in `workdir`: from scratch, or from its newest intact checkpoint
+    (`from_step`: that one; later ones are moved aside), or afresh (`fresh`: the old
+    run's files are moved aside). A config that defines another run than the saved one
+    is refused unless `force_config`.
 
-
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) the run in `workdir`.
-
-    Returns the last step, whether a SIGTERM stopped the run, and the last kNN results.
+    Returns the last step, the signal that stopped the run (None if it ran to its end),
+    whether it had already finished, and the last kNN results.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = resume.workdir_path(workdir)
     main_process = jax.process_index() == 0
 
     # ------------------------------------------------------------------------------
-    # Data: sources and durations (epochs → steps, once). Errors here come before
-    # any compilation.
+    # Checks, data sources and durations (epochs → steps, once). Errors here come
+    # before any compilation and leave the workdir as it was.
     # ------------------------------------------------------------------------------
     mesh = data_mesh()
     validate_config(config, jax.device_count())
+    clamp_warmup(config)
+    resume.prepare_workdir(workdir, fresh=fresh)
     train_source = sources.make_source(config.data)
     if len(train_source) < config.batch_size:
         raise sources.DataError(f'{config.data.source} split {config.data.split!r} has '
@@ -105,30 +111,54 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     total_steps = config.epochs * steps_per_epoch
     logging.info('%d images, %d steps per epoch, %d steps.', len(train_source),
                  steps_per_epoch, total_steps)
-    if main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
     # ------------------------------------------------------------------------------
-    # Model, optimizer and state; resume from the latest checkpoint if there is one.
+    # The workdir's checkpoints: is this the same run, and has it finished?
     # ------------------------------------------------------------------------------
-    training = build_training(config, mesh, steps_per_epoch)
-    state = training.state
     use_ccrop = bool(config.data.get('ccrop'))
     checkpointer = Checkpointer(
         workdir / 'checkpoints', max_to_keep=config.max_checkpoints,
         save_interval_steps=config.checkpoint_every_steps, json_items=('data', 'config'),
         array_items=('boxes',) if use_ccrop else ())
+    config_json = json.loads(config.to_json_best_effort())
+    if from_step is not None:
+        later = [step for step in checkpointer.all_steps() if step > from_step]
+        if from_step not in checkpointer.all_steps():
+            raise CheckpointError(f'--from_step={from_step}: no such checkpoint in '
+                                  f'{checkpointer.directory}; available steps: '
+                                  f'{checkpointer.all_steps()}.')
+        if main_process:
+            resume.move_aside(workdir, [checkpointer.directory / str(step) for step in later],
+                              f'resuming from step {from_step}')
+        multihost_utils.sync_global_devices('later checkpoints moved aside')
+        checkpointer.reload()
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        saved_config = checkpointer.read_json(latest, 'config')
+        if saved_config is not None:
+            resume.check_same_run(saved_config, config_json, workdir, latest,
+                                  force=force_config)
+
+    # ------------------------------------------------------------------------------
+    # Model, optimizer and state; resume from the newest intact checkpoint.
+    # ------------------------------------------------------------------------------
+    training = build_training(config, mesh, steps_per_epoch)
+    state = training.state
     boxes = ccrop.initial_boxes(len(train_source)) if use_ccrop else None
     data_state = None
-    if checkpointer.latest_step() is not None:
-        state, items = checkpointer.restore(abstract_like(state, mesh))
+    if latest is not None:
+        state, items, step = checkpointer.restore_newest_intact(
+            abstract_like(state, mesh), set_aside_to=workdir / 'corrupt')
         data_state = items['data']
         boxes = items.get('boxes', boxes)
-        changes = _config_changes(items['config'], json.loads(config.to_json_best_effort()))
-        if changes:
-            logging.warning('Resuming with a changed config: %s', '; '.join(changes))
-        logging.info('Resumed from step %d.', int(state.step))
+        if step >= total_steps:
+            logging.info('The run in %s had finished at step %d: nothing to do.', workdir,
+                         step)
+            checkpointer.close()
+            return {'step': step, 'signal': None, 'finished_before': True}
+        logging.info('Resumed from step %d.', step)
+    if main_process:
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     start_step = int(state.step)
 
     def make_iterator(epoch: int):
@@ -202,7 +232,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     previous = None  # the last step's metrics, checked while the next step runs
     interval_start = time.time()
     step = start_step
-    preempted = False
     try:
         while step < total_steps:
             with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -234,8 +263,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             if preemption.reached(step):
                 _check_finite(step, metrics)
                 save(step, force=True)
-                logging.warning('Preempted: saved step %d; exiting.', step)
-                preempted = True
+                logging.warning('Stopped by %s: saved step %d; the same command resumes.',
+                                signal.Signals(preemption.signal).name, step)
                 break
             if step == total_steps or epoch_done or step % config.checkpoint_every_steps == 0:
                 _check_finite(step, metrics)
@@ -245,15 +274,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         checkpointer.wait_until_finished()
         if hasattr(iterator, 'close'):
             iterator.close()
-    if not preempted and knn is not None and not evaluation:  # a finished run, again
-        evaluation = knn(state)
     if evaluation:
         logging.info('kNN (k=%d) at step %d: %s', config.knn.k, step, ', '.join(
             f'{name} {value:.2f}%' for name, value in sorted(evaluation.items())))
     writer.flush()
     writer.close()
     checkpointer.close()
-    return {'step': step, 'preempted': preempted, **evaluation}
+    return {'step': step, 'signal': preemption.signal, 'finished_before': False,
+            **evaluation}
 
 
 def _flatten(tree: dict, prefix: str = ''):

@@ -1,0 +1,160 @@
+"""What a restart does with its workdir: resume rules, --from_step, --fresh, bad input.
+
+The copies of the small reference run (`small_mnist_run`: 62 steps on 4 devices,
+checkpoints 50, 60, 62) are resumed by real `train.py` subprocesses; the refusals and
+bad inputs, which stop before any compilation, call the loop directly.
+"""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bam_jax.train import loop
+from bam_jax.train.builder import ConfigError
+from bam_jax.train.checkpoint import Checkpointer
+from conftest import REPO, environment, finish, start
+from test_run import losses, small_config
+
+
+@pytest.fixture
+def copy(small_mnist_run, tmp_path):
+    workdir = tmp_path / 'run'
+    shutil.copytree(small_mnist_run, workdir)
+    return workdir
+
+
+def synthetic_config(**data):
+    """The small network on 256 random images: 2 steps an epoch."""
+    config = small_config()
+    config.epochs = 1
+    config.data.update(source='synthetic', synthetic_num_examples=256,
+                       synthetic_image_shape=(40, 48), **data)
+    return config
+
+
+def test_a_finished_run_started_again_says_so_and_recomputes_nothing(copy):
+    metrics = (copy / 'metrics.jsonl').read_bytes()
+    events = sorted(copy.glob('events.out.tfevents.*'))
+    assert finish(start(copy), copy) == 0
+    log = pathlib.Path(f'{copy}.log').read_text()
+    assert 'had finished at step 62: nothing to do' in log
+    assert 'It had finished before: nothing was recomputed.' in log
+    assert f'python -m bam_jax.export --workdir={copy} ' in log  # what to run next
+    assert (copy / 'metrics.jsonl').read_bytes() == metrics
+    assert sorted(copy.glob('events.out.tfevents.*')) == events  # no empty events file
+
+
+def test_a_changed_batch_size_is_refused_in_one_line(copy):
+    config_json = (copy / 'config.json').read_text()
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'train.py'), f'--config={REPO}/tests/run_configs/'
+         'tiny_mnist.py', f'--workdir={copy}', '--config.batch_size=64'],
+        env=environment(4), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f'error: {copy} holds a run made with config.batch_size=128, '
+                            'not 64')
+    assert '--force_config' in error and '--fresh' in error
+    assert (copy / 'config.json').read_text() == config_json  # nothing written
+    assert sorted(Checkpointer(copy / 'checkpoints').all_steps()) == [50, 60, 62]
+
+
+@pytest.mark.parametrize('key,value', [('epochs', 3), ('data.source', 'synthetic'),
+                                       ('model.depth', 2)])
+def test_keys_that_define_the_run_cannot_change_on_resume(copy, key, value):
+    config = small_config()
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+        node = node[parent]
+    saved = node[leaf]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=f'config.{key}={saved!r}, not {value!r}'):
+        loop.train_and_evaluate(config, str(copy))
+
+
+def test_run_control_keys_may_change_and_force_config_resumes_anyway(copy):
+    config = small_config()
+    config.log_every_steps = 7  # steering only: allowed, the run has finished
+    assert loop.train_and_evaluate(config, str(copy))['finished_before']
+    config.epochs = 3
+    with pytest.raises(ConfigError):
+        loop.train_and_evaluate(config, str(copy))
+    config.epochs = 2
+    config.optimizer.lr *= 2  # defines the run: accepted only when forced
+    with pytest.raises(ConfigError, match='config.optimizer.lr='):
+        loop.train_and_evaluate(config, str(copy))
+    assert loop.train_and_evaluate(config, str(copy), force_config=True)['finished_before']
+
+
+def test_from_step_resumes_there_and_moves_later_checkpoints_aside(copy, small_mnist_run):
+    assert finish(start(copy, '--from_step=50'), copy) == 0
+    assert 'Resumed from step 50.' in pathlib.Path(f'{copy}.log').read_text()
+    assert losses(copy) == losses(small_mnist_run)  # steps 51-62 again, exactly
+    replaced, = (copy / 'replaced').iterdir()
+    assert sorted(path.name for path in (replaced / 'checkpoints').iterdir()) == ['60', '62']
+    assert sorted(Checkpointer(copy / 'checkpoints').all_steps()) == [50, 60, 62]
+
+
+def test_fresh_starts_afresh_and_keeps_the_old_run(tmp_path):
+    workdir = tmp_path / 'run'
+    first = loop.train_and_evaluate(synthetic_config(), str(workdir))
+    assert first['step'] == 2
+    old_config = json.loads((workdir / 'config.json').read_text())
+    changed = synthetic_config()
+    changed.batch_size = 64  # another run: refused without --fresh
+    with pytest.raises(ConfigError):
+        loop.train_and_evaluate(changed, str(workdir))
+    second = loop.train_and_evaluate(changed, str(workdir), fresh=True)
+    assert second['step'] == 4 and not second['finished_before']
+    replaced, = (workdir / 'replaced').iterdir()
+    assert {'checkpoints', 'config.json', 'metrics.jsonl'} <= {
+        path.name for path in replaced.iterdir()}
+    assert json.loads((replaced / 'config.json').read_text()) == old_config
+    assert sorted(Checkpointer(replaced / 'checkpoints').all_steps()) == [2]
+    assert sorted(Checkpointer(workdir / 'checkpoints').all_steps()) == [4]
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda config: config.update(batch_size=0), 'config.batch_size=0'),
+    (lambda config: config.update(batch_size=-8), 'config.batch_size=-8'),
+    (lambda config: config.loss.update(top_k=-1), 'config.loss.top_k=-1'),
+    (lambda config: config.optimizer.update(warmup_epochs=-1),
+     'config.optimizer.warmup_epochs=-1'),
+])
+def test_bad_values_are_one_line_naming_the_key(tmp_path, change, message):
+    config = synthetic_config()
+    change(config)
+    with pytest.raises(ConfigError, match=message) as error:
+        loop.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert '\n' not in str(error.value)
+    assert not (tmp_path / 'run').exists()  # nothing written
+
+
+def test_a_workdir_that_is_a_file_or_cannot_be_written(tmp_path):
+    afile = tmp_path / 'afile'
+    afile.write_text('keep me')
+    with pytest.raises(ConfigError, match=f'--workdir {afile} is a file'):
+        loop.train_and_evaluate(synthetic_config(), str(afile))
+    assert afile.read_text() == 'keep me'
+    with pytest.raises(ConfigError, match='cannot be written'):
+        loop.train_and_evaluate(synthetic_config(), str(afile / 'run'))
+    with pytest.raises(ConfigError, match='cannot be written'):  # even for root
+        loop.train_and_evaluate(synthetic_config(), '/proc/bam_jax_run')
+
+
+def test_train_py_reports_a_bad_workdir_in_one_line_and_exit_1(tmp_path):
+    afile = tmp_path / 'afile'
+    afile.write_text('keep me')
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'train.py'), f'--workdir={afile}',
+         '--config.epochs=1'], env=environment(1), cwd=REPO, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'error: --workdir {afile} is a file; give a directory.')
+    assert 'Traceback' not in result.stderr and afile.read_text() == 'keep me'
