@@ -1,10 +1,12 @@
 r"""Pretrains a backbone with BAM.
 
   python train.py                                  # the embedded MNIST default, on a CPU
-  python train.py --config=configs/vit_small_imagenet.py --workdir=DIR \
+  python train.py --config=configs/vit_small_imagenet.py --workdir=gs://BUCKET/bam_vits16 \
     --config.data.data_dir=gs://BUCKET/tensorflow_datasets --config.epochs=100
 
-Starting the same command again resumes from the workdir's latest checkpoint. On TPU pods
+Starting the same command again resumes from the workdir's newest intact checkpoint;
+SIGTERM and Ctrl-C save the current step first. --from_step resumes from an earlier step,
+--fresh starts afresh (the old run's files are moved aside, never deleted). On TPU pods
 and SLURM jobs `jax.distributed` is initialised from the environment; elsewhere pass
 --coordinator_address, --num_processes and --process_id to every process.
 """

@@ -10,7 +10,7 @@ so training refines the neighbourhoods the backbone starts with. A random ViT's 
 token averages its patch tokens, which blurs a digit's layout the more patches there
 are: kNN top-1 of the random backbone is 63 % with 8 px patches (4 × 4), 83 % with 16 px
 patches. From 8 px patches no setting tried (rates, momenta, crops, ε, τ, top-k, batch) got
-past 79 %; from 16 px patches BAM passes 90 % (README, "The MNIST default, measured").
+past 79 %; from 16 px patches BAM passes 90 % (docs/training.md, "The MNIST default, measured").
 
 Digits are not mirror-symmetric, so the horizontal flip is off. The photometric
 augmentations are off too: the digits are grey, so saturation, hue and grayscale do
@@ -19,7 +19,7 @@ ImageNet configs) kNN top-1 after 20 epochs was 1.6 points lower. The blur's σ 
 should it be turned back on, is scaled with the crop size (0.1-2 px at 224 → 0.1-0.5 px).
 
   python train.py                          # = --config=configs/mnist.py --workdir=runs/mnist
-  python train.py --config=configs/mnist.py --workdir=/tmp/bam_mnist --config.epochs=5
+  python train.py --config=configs/mnist.py --workdir=runs/mnist_5_epochs --config.epochs=5
 """
 
 from configs import vit_small_imagenet

@@ -95,7 +95,10 @@ def shrunk(argv: list[str]) -> list[str]:
             return argv + list(SHRINK_MNIST)
         return argv + list(_CROPS) + list(SHRINK_MODEL[family])
     if argv[2] == 'bam_jax.evaluate':
-        return argv + list(SHRINK_EVALUATE)
+        run_config = [flag.replace('--config.', '--run_config.') for flag in SHRINK_MNIST
+                      if '.model.' in flag or '.projector.' in flag]  # its network too
+        return argv + list(SHRINK_EVALUATE) + (
+            run_config if any(arg.startswith('--run_config=') for arg in argv) else [])
     if argv[2] == 'bam_jax.data.convert':
         return argv + list(SHRINK_CONVERT)
     return argv
@@ -110,6 +113,15 @@ def test_the_documentation_shows_the_commands_users_need():
     assert any('bam_jax.evaluate' in command for command in commands)
 
 
+@pytest.fixture
+def user_data_paths(tfds_imagenet_dir, tfds_imagenet_tfrecord_dir, image_folder_labelled,
+                    image_folder_flat) -> dict[str, str]:
+    """The documentation's placeholder paths → the generated data (longest first)."""
+    return {'gs://BUCKET/tensorflow_datasets': tfds_imagenet_dir,
+            '/data/tfrecords': tfds_imagenet_tfrecord_dir,
+            '/data/images': image_folder_labelled, '/data/photos': image_folder_flat}
+
+
 def test_every_documented_command_runs(tmp_path, user_data_paths):
     scratch = tmp_path / 'scratch'
     scratch.mkdir()
@@ -122,7 +134,7 @@ def test_every_documented_command_runs(tmp_path, user_data_paths):
                        XLA_FLAGS='--xla_force_host_platform_device_count=2')
     failures, ran = [], 0
     for where, command in documented_commands():
-        text = command
+        text = command.replace('--out_dir gs://BUCKET/', f'--out_dir {bucket}/converted/')
         for placeholder, path in replacements.items():  # longest first (dict order)
             text = text.replace(placeholder, path)
         argv = shrunk(shlex.split(text))

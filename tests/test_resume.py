@@ -158,3 +158,24 @@ def test_train_py_reports_a_bad_workdir_in_one_line_and_exit_1(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f'error: --workdir {afile} is a file; give a directory.')
     assert 'Traceback' not in result.stderr and afile.read_text() == 'keep me'
+
+
+def test_a_partial_latest_checkpoint_is_set_aside_and_the_run_resumes(copy, small_mnist_run,
+                                                                      caplog):
+    """A save cut short (a data file missing): one warning naming the step, the step kept
+    in WORKDIR/corrupt/, the run continues from the step before (on 8 devices here, so
+    the losses agree to float rounding)."""
+    data_files = sorted((copy / 'checkpoints' / '62' / 'state').rglob('d/*'),
+                        key=lambda path: path.stat().st_size)
+    data_files[-1].unlink()
+    with caplog.at_level('WARNING'):
+        result = loop.train_and_evaluate(small_config(), str(copy))
+    assert result['step'] == 62 and not result['finished_before']
+    warnings = [record.getMessage() for record in caplog.records
+                if 'corrupt or unreadable' in record.getMessage()]
+    assert len(warnings) == 1 and 'checkpoints/62 is corrupt' in warnings[0]
+    assert 'resuming from step 60' in warnings[0]
+    assert (copy / 'corrupt' / '62' / 'state').is_dir()
+    resumed, expected = losses(copy), losses(small_mnist_run)
+    for step in (61, 62):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4), step
