@@ -8,7 +8,6 @@ import shutil
 
 from absl import flags
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 import pytest
@@ -21,7 +20,6 @@ from user_data import photo
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags.
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_CLASSES, PER_CLASS = 2, 6  # 12 images, one of them corrupt
 
 
@@ -212,15 +210,6 @@ def test_two_processes_split_the_one_process_global_batches():
     assert not np.array_equal(whole[0]['index'], whole[3]['index'])  # reshuffled
 
 
-def imagenet_config(*overrides: str) -> ml_collections.ConfigDict:
-    """configs/vit_small_imagenet.py with command-line overrides, as train.py parses them."""
-    argv = ['train.py', f'--config={REPOSITORY}/configs/vit_small_imagenet.py', *overrides]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
-    values(argv)
-    return values.config
-
-
 def by_bytes(source) -> dict[bytes, int]:
     """{encoded image: label} of every record."""
     records = [source[index] for index in range(len(source))]
@@ -231,7 +220,7 @@ def test_tfds_imagenet_reads_through_the_shipped_config(tfds_imagenet_dir):
     info = user_data.dataset_info(tfds_imagenet_dir)
     assert info['fileFormat'] == 'array_record' and info['name'] == 'imagenet2012'
     assert [split['shardLengths'] for split in info['splits']] == [['64', '64'], ['24', '24']]
-    config = imagenet_config(f'--config.data.data_dir={tfds_imagenet_dir}')
+    config = user_data.shipped_config(f'--config.data.data_dir={tfds_imagenet_dir}')
     source = sources.make_source(config.data)
     assert isinstance(source, sources.TfdsSource) and len(source) == 128
     expected = {encoded: label for _, encoded, label in user_data.examples('train')}
@@ -258,7 +247,7 @@ def test_tfds_imagenet_reads_through_the_shipped_config(tfds_imagenet_dir):
 def test_labelled_folder_holds_the_tfds_images_and_labels(tfds_imagenet_dir,
                                                            image_folder_labelled):
     for split, count in (('train', 128), ('validation', 48)):
-        folder = sources.make_source(imagenet_config(
+        folder = sources.make_source(user_data.shipped_config(
             '--config.data.source=folder', f'--config.data.data_dir={image_folder_labelled}'
             ).data, split)
         assert folder.classes == list(user_data.SYNSETS) and len(folder) == count
@@ -413,3 +402,18 @@ def test_clear_errors_before_compilation(image_folder, tmp_path):
     config.data.update(dict(source='folder', data_dir=str(image_folder)))
     with pytest.raises(sources.DataError, match='fewer than one global batch of 16'):
         pipeline.make_train_pipeline(config, process_index=1, process_count=2)
+
+
+def test_tfrecord_imagenet_as_tfds_build_leaves_it_is_sent_to_convert(
+        tfds_imagenet_tfrecord_dir):
+    info = user_data.dataset_info(tfds_imagenet_tfrecord_dir)
+    assert info['fileFormat'] == 'tfrecord'
+    assert [split['shardLengths'] for split in info['splits']] == [['64', '64'], ['24', '24']]
+    config = user_data.shipped_config(f'--config.data.data_dir={tfds_imagenet_tfrecord_dir}')
+    with pytest.raises(sources.DataError) as error:
+        sources.make_source(config.data)
+    assert str(error.value).startswith(
+        f"TFDS data set 'imagenet2012' in '{tfds_imagenet_tfrecord_dir}' is stored as "
+        'FileFormat.TFRECORD, which has no random access. Convert it once (needs '
+        'TensorFlow): `python -m bam_jax.data.convert --name imagenet2012 --data_dir '
+        f'{tfds_imagenet_tfrecord_dir} --out_dir NEW_DIR`')

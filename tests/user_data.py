@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME, VERSION = 'imagenet2012', '5.1.0'
 # The first 4 of imagenet2012's sorted synsets: labels 0-3 of its 1,000 classes.
 SYNSETS = ('n01440764', 'n01443537', 'n01484850', 'n01491361')
@@ -132,6 +133,19 @@ def make_image_folders(root) -> tuple[str, str]:
                 with open(path, 'wb') as file:
                     file.write(encoded)
     return labelled, flat
+
+
+def shipped_config(*overrides: str, config: str = 'vit_small_imagenet'):
+    """`configs/<config>.py` with command-line overrides (`--config.data.data_dir=...`),
+    parsed as train.py parses them."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ['train.py', f'--config={REPOSITORY}/configs/{config}.py', *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
 
 
 def dataset_info(data_dir: str) -> dict:

@@ -4,7 +4,9 @@ Every source returns records `{'image', 'label', 'index', 'path'}` where `image`
 the encoded file bytes (decoded later, in the crop step, so a corrupt file is caught there
 and counted) or an already decoded uint8 array. `path` names the record in error messages.
 Sources only list their data when built; records are read lazily, so a process that
-reads one shard of the index space touches only that shard's files.
+reads one shard of the index space touches only that shard's files. An unlabelled record
+has label -1. A split's labels alone (the online kNN's bank) come without the images: a
+folder's or MNIST's `labels` array, a TFDS split's `read_labels()`.
 """
 
 import concurrent.futures

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import jax
 import numpy as np
@@ -30,7 +31,7 @@ def _eval_input(config, source, *, image_size: int, resize_size: int | None,
 def _describe(data_config, split: str) -> str:
     """How the log names a split: "imagenet2012 'train'", "the folder DIR/train"."""
     if data_config.source == 'folder':
-        return f'the folder {data_config.data_dir}/{split}'
+        return f'the folder {os.path.join(data_config.data_dir, split)}'
     if data_config.source == 'tfds':
         return f'{data_config.name} {split!r}'
     return f'{data_config.source} {split!r}'
