@@ -18,6 +18,8 @@ from jax.sharding import AxisType  # noqa: E402
 
 assert jax.device_count() == 8, 'tests need 8 simulated devices; was JAX imported early?'
 
+pytest_plugins = ('user_data',)  # generated data sets as users have them, for every module
+
 
 def data_mesh(n_devices: int) -> jax.sharding.Mesh:
     """A 1-D 'data' mesh over the first `n_devices` CPU devices."""

@@ -1,8 +1,10 @@
 """Sources, host crops and the grain pipeline, on real files written here."""
 
+import glob
 import logging
 import math
 import os
+import shutil
 
 from absl import flags
 import ml_collections
@@ -11,8 +13,10 @@ from PIL import Image
 import pytest
 
 from bam_jax.data import crops as crops_lib
-from bam_jax.data import pipeline, sources
+from bam_jax.data import eval_input, pipeline, sources
 from configs import vit_small_imagenet
+import user_data
+from user_data import photo
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags.
 
@@ -25,15 +29,6 @@ def _crops_config(**overrides):
     return config
 
 
-def _photo(rng, height, width):
-    """A smooth colour image with noise, so JPEG has something realistic to encode."""
-    y, x = np.mgrid[0:height, 0:width] / max(height, width)
-    channels = [np.sin(rng.uniform(2, 9) * x + rng.uniform(2, 9) * y + rng.uniform(0, 6))
-                for _ in range(3)]
-    image = 127.5 * (1 + np.stack(channels, -1)) + rng.normal(0, 8, (height, width, 3))
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory):
     """root/train/<class>/<image>: JPEGs and PNGs of assorted sizes and one truncated JPEG."""
@@ -43,7 +38,7 @@ def image_folder(tmp_path_factory):
         directory = root / 'train' / f'class_{label}'
         directory.mkdir(parents=True)
         for i in range(PER_CLASS):
-            image = Image.fromarray(_photo(rng, 40 + 4 * i, 56 - 2 * i))
+            image = Image.fromarray(photo(rng, 40 + 4 * i, 56 - 2 * i))
             image.save(directory / f'{i}.png' if i % 2 else directory / f'{i}.jpg')
     corrupt = root / 'train' / 'class_1' / '3.jpg'
     os.remove(root / 'train' / 'class_1' / '3.png')
@@ -141,7 +136,7 @@ def test_contrastive_crop_centres_fall_inside_the_box():
 
 
 def test_flip_mirrors_the_same_crop():
-    image = crops_lib.decode(_photo(np.random.default_rng(1), 60, 80))
+    image = crops_lib.decode(photo(np.random.default_rng(1), 60, 80))
     plain = crops_lib.random_resized_crop(image, np.random.default_rng(5), 24, (0.3, 1.0),
                                           flip_prob=0.0)
     flipped = crops_lib.random_resized_crop(image, np.random.default_rng(5), 24, (0.3, 1.0),
@@ -215,43 +210,159 @@ def test_two_processes_split_the_one_process_global_batches():
     assert not np.array_equal(whole[0]['index'], whole[3]['index'])  # reshuffled
 
 
-def test_tfds_array_record_source(tmp_path):
-    import tensorflow_datasets as tfds
+def by_bytes(source) -> dict[bytes, int]:
+    """{encoded image: label} of every record."""
+    records = [source[index] for index in range(len(source))]
+    return {record['image']: record['label'] for record in records}
 
-    rng = np.random.default_rng(0)
-    images = [_photo(rng, 30 + i, 36) for i in range(10)]
-    features = tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
-        'label': tfds.features.ClassLabel(num_classes=3)})
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name='tiny_photos', version='1.0.0', features=features, data_dir=str(tmp_path),
-        split_datasets={'train': [(i, {'image': image, 'label': i % 3})
-                                  for i, image in enumerate(images)]},
-        file_format='array_record', disable_shuffling=True)  # records in key order
-    assert list(tmp_path.glob('tiny_photos/1.0.0/*.array_record*'))
 
-    data = ml_collections.ConfigDict(dict(source='tfds', name='tiny_photos',
-                                          data_dir=str(tmp_path), split='train'))
-    source = sources.make_source(data)
-    assert len(source) == 10
-    for index in (0, 9):
-        record = source[index]
-        assert isinstance(record['image'], bytes)  # decoded by PIL in the crop step
-        np.testing.assert_array_equal(np.asarray(crops_lib.decode(record['image'])),
-                                      images[index])
-        assert record['label'] == index % 3
-    batches = _all_batches(pipeline.make_pipeline(source, _crops_config(), batch_size=5,
+def test_tfds_imagenet_reads_through_the_shipped_config(tfds_imagenet_dir):
+    info = user_data.dataset_info(tfds_imagenet_dir)
+    assert info['fileFormat'] == 'array_record' and info['name'] == 'imagenet2012'
+    assert [split['shardLengths'] for split in info['splits']] == [['64', '64'], ['24', '24']]
+    config = user_data.shipped_config(f'--config.data.data_dir={tfds_imagenet_dir}')
+    source = sources.make_source(config.data)
+    assert isinstance(source, sources.TfdsSource) and len(source) == 128
+    expected = {encoded: label for _, encoded, label in user_data.examples('train')}
+    assert by_bytes(source) == expected  # the JPEG files as they were, with their labels
+    assert np.bincount(list(expected.values())).tolist() == [32] * 4
+    image = crops_lib.decode(source[5]['image'])
+    assert image.mode == 'RGB' and 40 <= min(image.size) <= max(image.size) <= 200
+    batches = _all_batches(pipeline.make_pipeline(source, _crops_config(), batch_size=32,
                                                   seed=0, num_epochs=1))
     indices = np.concatenate([batch['index'] for batch in batches])
-    assert sorted(indices.tolist()) == list(range(10))
-    np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), indices % 3)
+    assert sorted(indices.tolist()) == list(range(128))
+    np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]),
+                                  [source[int(index)]['label'] for index in indices])
+    assert len(sources.TfdsSource('imagenet2012', 'validation', tfds_imagenet_dir)) == 48
 
     with pytest.raises(sources.DataError, match="Unknown TFDS data set 'no_such_dataset'"):
-        sources.TfdsSource('no_such_dataset', 'train', str(tmp_path))
+        sources.TfdsSource('no_such_dataset', 'train', tfds_imagenet_dir)
     with pytest.raises(sources.DataError, match="'mnist' is not prepared"):
-        sources.TfdsSource('mnist', 'train', str(tmp_path))
-    with pytest.raises(sources.DataError, match='Unknown split'):
-        sources.TfdsSource('tiny_photos', 'validation', str(tmp_path))
+        sources.TfdsSource('mnist', 'train', tfds_imagenet_dir)
+    with pytest.raises(sources.DataError, match="Unknown split 'test'"):
+        sources.TfdsSource('imagenet2012', 'test', tfds_imagenet_dir)
+
+
+def test_labelled_folder_holds_the_tfds_images_and_labels(tfds_imagenet_dir,
+                                                           image_folder_labelled):
+    for split, count in (('train', 128), ('validation', 48)):
+        folder = sources.make_source(user_data.shipped_config(
+            '--config.data.source=folder', f'--config.data.data_dir={image_folder_labelled}'
+            ).data, split)
+        assert folder.classes == list(user_data.SYNSETS) and len(folder) == count
+        tfds_split = sources.TfdsSource('imagenet2012', split, tfds_imagenet_dir)
+        assert by_bytes(folder) == by_bytes(tfds_split) and len(by_bytes(folder)) == count
+
+
+def _folder(data_dir: str, folder_labels: str = 'auto', split: str = 'train'):
+    data = ml_collections.ConfigDict(dict(source='folder', data_dir=data_dir, split=split,
+                                          folder_labels=folder_labels))
+    return sources.make_source(data)
+
+
+def test_unlabelled_folders_flat_and_nested(image_folder_labelled, image_folder_flat,
+                                            tmp_path):
+    train_bytes = {encoded for _, encoded, _ in user_data.examples('train')}
+    labelled = _folder(image_folder_labelled)
+    np.testing.assert_array_equal(labelled.labels, np.repeat(np.arange(4), 32))
+    for source in (_folder(image_folder_flat), _folder(image_folder_flat, 'none'),
+                   _folder(image_folder_labelled, 'none')):  # flat; flat; nested
+        assert len(source) == 128 and source.classes == []
+        np.testing.assert_array_equal(source.labels, np.full(128, -1))
+        assert set(by_bytes(source)) == train_bytes
+        assert set(by_bytes(source).values()) == {-1}
+        assert eval_input.source_labels(source).tolist() == [-1] * 128
+    # Images directly in <split>/ make 'auto' unlabelled: those below it count too.
+    mixed = tmp_path / 'mixed' / 'train'
+    (mixed / 'day_1' / 'camera_2').mkdir(parents=True)
+    for index, (file_name, encoded, _) in enumerate(user_data.examples('validation')[:10]):
+        (mixed / ('day_1/camera_2' if index % 2 else '') / file_name).write_bytes(encoded)
+    (mixed / 'notes.txt').write_text('not an image')
+    source = _folder(str(mixed.parent))
+    assert len(source) == 10 and source.labels.tolist() == [-1] * 10
+    assert sum('camera_2' in path for path in source.paths) == 5
+    # Labelled, but the run asks for no labels.
+    assert _folder(image_folder_labelled, 'none', 'validation').labels.tolist() == [-1] * 48
+    # A labelled split stays labelled beside an unlabelled one.
+    assert _folder(image_folder_flat, 'auto', 'validation').labels.tolist() == (
+        np.repeat(np.arange(4), 12).tolist())
+
+    with pytest.raises(sources.DataError) as error:
+        _folder(image_folder_flat, 'yes')
+    assert str(error.value) == ("config.data.folder_labels='yes' is not one of 'auto' "
+                                "(labelled by class directory when there is one), 'none' "
+                                '(unlabelled).')
+    (tmp_path / 'empty' / 'train' / 'class_0').mkdir(parents=True)
+    with pytest.raises(sources.DataError) as error:
+        _folder(str(tmp_path / 'empty'))
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and '/train/<class>/<image> (labelled)' in message
+    assert 'images at any depth' in message and '.jpg' in message
+
+
+def _copy(data_dir, tmp_path) -> str:
+    copy = tmp_path / 'data'
+    shutil.copytree(data_dir, copy)
+    return str(copy)
+
+
+def test_labels_only_read_equals_the_full_read(tfds_imagenet_dir):
+    for split in ('train', 'validation', 'train[10:100]'):  # the slice spans both shards
+        source = sources.TfdsSource('imagenet2012', split, tfds_imagenet_dir)
+        full = [source[index]['label'] for index in range(len(source))]
+        labels = source.read_raw_labels(threads=3)
+        assert labels.dtype == np.int32 and labels.tolist() == full
+        assert len(full) == {'train': 128, 'validation': 48}.get(split, 90)
+        assert len(set(full)) == 4
+
+
+def test_label_file_is_read_instead_of_the_records_until_they_change(
+        tfds_imagenet_dir, tmp_path, monkeypatch, caplog):
+    data_dir, cache = _copy(tfds_imagenet_dir, tmp_path), tmp_path / 'cache'
+    monkeypatch.setenv(sources.LABEL_CACHE_ENV, str(cache))
+    source = sources.TfdsSource('imagenet2012', 'train', data_dir)
+    full = [source[index]['label'] for index in range(len(source))]
+    with caplog.at_level(logging.INFO):
+        assert eval_input.source_labels(source).tolist() == full
+    assert 'from the records' in caplog.text
+    label_file = source.label_file()
+    assert os.listdir(cache) == [os.path.basename(label_file)]
+    assert label_file.startswith(str(cache / 'imagenet2012-5.1.0-train-128-'))
+    assert np.load(label_file).tolist() == full
+
+    # The records destroyed in place (same sizes and times): the labels still come back,
+    # from the file, while reading any record now fails.
+    shards = sorted(glob.glob(f'{data_dir}/imagenet2012/5.1.0/imagenet2012-train.*'))
+    assert len(shards) == 2
+    for shard in shards:
+        status = os.stat(shard)
+        with open(shard, 'r+b') as file:
+            file.write(bytes(status.st_size))
+        os.utime(shard, ns=(status.st_atime_ns, status.st_mtime_ns))
+    caplog.clear()
+    source = sources.TfdsSource('imagenet2012', 'train', data_dir)
+    with caplog.at_level(logging.INFO):
+        assert eval_input.source_labels(source).tolist() == full
+    assert f'from {label_file}' in caplog.text
+    with pytest.raises(Exception):
+        source[0]  # noqa: B018
+
+    # The data set changes (the shards swapped, rewritten): read again, saved anew.
+    originals = sorted(glob.glob(f'{tfds_imagenet_dir}/imagenet2012/5.1.0/'
+                                 'imagenet2012-train.*'))
+    for original, shard in zip(originals, reversed(shards)):
+        shutil.copyfile(original, shard)
+    source = sources.TfdsSource('imagenet2012', 'train', data_dir)
+    assert source.label_file() != label_file
+    assert eval_input.source_labels(source).tolist() == full[64:] + full[:64]
+    assert sorted(os.listdir(cache)) == sorted(
+        os.path.basename(path) for path in (label_file, source.label_file()))
+
+    monkeypatch.setenv(sources.LABEL_CACHE_ENV, '')  # off
+    assert source.label_file() is None
+    assert eval_input.source_labels(source).tolist() == full[64:] + full[:64]
+    assert len(os.listdir(cache)) == 2
 
 
 def test_embedded_mnist_split_is_fixed_and_stratified():
@@ -291,3 +402,18 @@ def test_clear_errors_before_compilation(image_folder, tmp_path):
     config.data.update(dict(source='folder', data_dir=str(image_folder)))
     with pytest.raises(sources.DataError, match='fewer than one global batch of 16'):
         pipeline.make_train_pipeline(config, process_index=1, process_count=2)
+
+
+def test_tfrecord_imagenet_as_tfds_build_leaves_it_is_sent_to_convert(
+        tfds_imagenet_tfrecord_dir):
+    info = user_data.dataset_info(tfds_imagenet_tfrecord_dir)
+    assert info['fileFormat'] == 'tfrecord'
+    assert [split['shardLengths'] for split in info['splits']] == [['64', '64'], ['24', '24']]
+    config = user_data.shipped_config(f'--config.data.data_dir={tfds_imagenet_tfrecord_dir}')
+    with pytest.raises(sources.DataError) as error:
+        sources.make_source(config.data)
+    assert str(error.value).startswith(
+        f"TFDS data set 'imagenet2012' in '{tfds_imagenet_tfrecord_dir}' is stored as "
+        'FileFormat.TFRECORD, which has no random access. Convert it once (needs '
+        'TensorFlow): `python -m bam_jax.data.convert --name imagenet2012 --data_dir '
+        f'{tfds_imagenet_tfrecord_dir} --out_dir NEW_DIR`')

@@ -168,11 +168,15 @@ def make_eval_input(source, *, image_size: int, batch_size: int,
 
 
 def source_labels(source) -> np.ndarray:
-    """Every label of a source, int32 `[N]`: its `labels` array when it has one, else read.
+    """Every label of a source, int32 `[N]`, without reading its images when it can.
 
-    Reading a TFDS source record by record fetches the images too; slow for ImageNet.
+    A source's `labels` array when it has one (folders, MNIST); a TFDS source's
+    `read_labels()` (a label file, else a labels-only read of the raw records); else every
+    record, read one by one.
     """
     labels = getattr(source, 'labels', None)
+    if labels is None and hasattr(source, 'read_labels'):
+        labels = source.read_labels()
     if labels is None:
         labels = [source[index]['label'] for index in range(len(source))]
     return np.asarray(labels, np.int32)

@@ -7,6 +7,8 @@ Both run the backbone in eval mode over a whole split with the evaluation input
 from __future__ import annotations
 
 import functools
+import logging
+import os
 
 import jax
 import numpy as np
@@ -26,22 +28,97 @@ def _eval_input(config, source, *, image_size: int, resize_size: int | None,
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def _describe(data_config, split: str) -> str:
+    """How the log names a split: "imagenet2012 'train'", "the folder DIR/train"."""
+    if data_config.source == 'folder':
+        return f'the folder {os.path.join(data_config.data_dir, split)}'
+    if data_config.source == 'tfds':
+        return f'{data_config.name} {split!r}'
+    return f'{data_config.source} {split!r}'
+
+
+def _is_labelled(source) -> bool:
+    """Whether a split has labels, from its labels array or else its first record (a
+    TFDS split is labelled throughout or not at all), so no split is read for this."""
+    labels = getattr(source, 'labels', None)
+    if labels is not None:
+        return bool((np.asarray(labels) >= 0).any())
+    return len(source) > 0 and source[0]['label'] >= 0
+
+
+def make_online_knn(config, backbone, train_source, mesh: jax.sharding.Mesh
+                    ) -> OnlineKnn | None:
+    """The online kNN as configured, or None when it is off; logs one line saying which.
+
+    It is off when `knn.every_epochs` is 0, or when its train split (`knn.train_split`,
+    default `data.split`, whose source is `train_source`) has no labels, e.g. an
+    unlabelled image folder. A `knn.train_split` given explicitly must be labelled, and
+    so must `knn.val_split`: otherwise a `DataError` names the key.
+    """
+    knn, data = config.knn, config.data
+    if not knn.every_epochs:
+        logging.info('Online kNN off: config.knn.every_epochs=0; set it to N > 0 to '
+                     'evaluate every N epochs.')
+        return None
+    explicit = knn.get('train_split') or None
+    split = explicit or data.split
+    if split != data.split:
+        try:
+            train_source = sources.make_source(data, split)
+        except sources.DataError as error:
+            raise sources.DataError(f'config.knn.train_split={split!r}: {error}') from None
+    labels = eval_input.source_labels(train_source)
+    if (labels < 0).all():
+        if explicit:
+            raise sources.DataError(
+                f'config.knn.train_split={split!r}: {_describe(data, split)} has no labels; '
+                'name a labelled split, or set config.knn.every_epochs=0.')
+        logging.info('Online kNN off: %s has no labels; set config.knn.train_split=<a '
+                     'labelled split> to turn it on.', _describe(data, split))
+        return None
+    try:
+        val_source = sources.make_source(data, knn.val_split)
+    except sources.DataError as error:
+        raise sources.DataError(f'config.knn.val_split={knn.val_split!r}: {error}') from None
+    if not _is_labelled(val_source):
+        raise sources.DataError(
+            f'config.knn.val_split={knn.val_split!r}: {_describe(data, knn.val_split)} has '
+            'no labels; name a labelled split, or set config.knn.every_epochs=0.')
+    online_knn = OnlineKnn(config, backbone, train_source, mesh, labels=labels,
+                           val_source=val_source)
+    classes = len(np.unique(labels[labels >= 0]))
+    if knn.train_fraction >= 1:
+        bank = f'all of {_describe(data, split)} ({len(labels):,} images, {classes} classes)'
+    else:
+        bank = (f'{100 * knn.train_fraction:g} % of {_describe(data, split)} (class-balanced, '
+                f'{online_knn.num_train:,} images, {classes} classes)')
+    logging.info('Online kNN every %d epochs: %s against %r (%s images).', knn.every_epochs,
+                 bank, knn.val_split, f'{len(val_source):,}')
+    return online_knn
+
+
 class OnlineKnn:
     """The official online kNN (§6.1): a class-balanced fraction of train against the
-    whole validation split, k nearest by cosine, votes weighted by exp(s/T)."""
+    whole validation split, k nearest by cosine, votes weighted by exp(s/T).
 
-    def __init__(self, config, backbone, train_source, mesh: jax.sharding.Mesh):
+    `labels` (of `train_source`) and `val_source` are read here when not given.
+    """
+
+    def __init__(self, config, backbone, train_source, mesh: jax.sharding.Mesh, *,
+                 labels: np.ndarray | None = None, val_source=None):
         knn = config.knn
         self._mesh = mesh
         self._knn = knn
-        labels = eval_input.source_labels(train_source)
+        labels = eval_input.source_labels(train_source) if labels is None else labels
         if (labels < 0).all():
             raise sources.DataError(f'The {config.data.source} train split has no labels; '
                                     'set config.knn.every_epochs=0 to train without kNN.')
         self.num_classes = int(labels.max()) + 1
         indices = (None if knn.train_fraction >= 1 else
                    eval_input.balanced_subset(labels, knn.train_fraction, seed=0))
-        val_source = sources.make_source(config.data, knn.val_split)
+        self.num_train = len(labels) if indices is None else len(indices)
+        if val_source is None:
+            val_source = sources.make_source(config.data, knn.val_split)
         size = dict(image_size=knn.image_size, resize_size=knn.resize_size)
         self._train_input = _eval_input(config, train_source, indices=indices, **size)
         self._val_input = _eval_input(config, val_source, **size)

@@ -1,0 +1,191 @@
+"""Data as users have it, generated: an ImageNet-shaped TFDS data set and the same images as
+image folders, labelled and unlabelled.
+
+- `make_tfds_imagenet(root)`: a TFDS data_dir in which `tfds.builder('imagenet2012',
+  data_dir=...)` is prepared, as `tfds build imagenet2012 --file_format=array_record` leaves
+  it: `imagenet2012/5.1.0/dataset_info.json` (the registered builder's info: features,
+  description, supervised keys) and `imagenet2012-{train,validation}.array_record-0000X-of-
+  00002` shards written by TFDS's own writer and example serializer, with imagenet2012's
+  features (`image` JPEG, `label` of its 1,000 classes, `file_name`). `file_format=
+  'tfrecord'` gives the layout `tfds build` writes by default, for `bam_jax.data.convert`.
+- `make_image_folders(root)`: the same JPEG files as `labelled/{train,validation}/<synset>/
+  <file_name>` (ImageFolder order = ImageNet label order) and as `flat/train/<file_name>`
+  (unlabelled) beside a labelled `flat/validation/<synset>/`.
+
+Images are JPEGs of 40-200 px sides, square and not, a few of them grayscale, of 4 classes
+(the first 4 ImageNet synsets) told apart by a dominant colour and a stripe direction, so a
+kNN on raw pixels beats chance. Everything is a pure function of fixed seeds.
+
+Session fixtures of the same names (`tfds_imagenet_dir`, `tfds_imagenet_tfrecord_dir`,
+`image_folder_labelled`, `image_folder_flat`) are available to every test module
+(`pytest_plugins` in conftest.py). `python tests/user_data.py DIR` writes them all to DIR.
+"""
+
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME, VERSION = 'imagenet2012', '5.1.0'
+# The first 4 of imagenet2012's sorted synsets: labels 0-3 of its 1,000 classes.
+SYNSETS = ('n01440764', 'n01443537', 'n01484850', 'n01491361')
+SPLITS = {'train': 32, 'validation': 12}  # images per class
+NUM_SHARDS = 2
+# A dominant colour and a stripe direction (radians) per class.
+_COLOURS = ((200, 60, 50), (60, 170, 70), (50, 80, 200), (210, 190, 60))
+_ANGLES = (0.0, np.pi / 2, np.pi / 4, -np.pi / 4)
+
+
+def photo(rng, height, width):
+    """A smooth colour image with noise, so JPEG has something realistic to encode."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [np.sin(rng.uniform(2, 9) * x + rng.uniform(2, 9) * y + rng.uniform(0, 6))
+                for _ in range(3)]
+    image = 127.5 * (1 + np.stack(channels, -1)) + rng.normal(0, 8, (height, width, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def class_image(rng, label: int, height: int, width: int) -> np.ndarray:
+    """A photo-like texture over class `label`'s colour and stripes, uint8 [h, w, 3]."""
+    y, x = np.mgrid[0:height, 0:width]
+    angle = _ANGLES[label] + rng.normal(0, 0.1)
+    stripes = np.sin((x * np.cos(angle) + y * np.sin(angle)) * 2 * np.pi / 12
+                     + rng.uniform(0, 2 * np.pi))
+    image = (0.55 * np.asarray(_COLOURS[label]) + 0.25 * photo(rng, height, width)
+             + 50 * stripes[..., None])
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@functools.cache
+def examples(split: str) -> tuple[tuple[str, bytes, int], ...]:
+    """(file_name, JPEG bytes, label) of a split, class after class; ImageNet's file names
+    (`n01440764_7.JPEG`, `ILSVRC2012_val_00000007.JPEG`)."""
+    rng = np.random.default_rng(list(SPLITS).index(split))
+    result = []
+    for label, synset in enumerate(SYNSETS):
+        for index in range(SPLITS[split]):
+            height, width = (int(side) for side in rng.integers(40, 201, 2))
+            if index % 4 == 0:
+                width = height  # some square
+            image = Image.fromarray(class_image(rng, label, height, width))
+            if index % 11 == 5:
+                image = image.convert('L')  # grayscale JPEGs exist in ImageNet too
+            buffer = io.BytesIO()
+            image.save(buffer, format='JPEG', quality=int(rng.integers(75, 96)))
+            number = label * SPLITS[split] + index + 1
+            file_name = (f'{synset}_{index}.JPEG' if split == 'train'
+                         else f'ILSVRC2012_val_{number:08d}.JPEG')
+            result.append((file_name, buffer.getvalue(), label))
+    return tuple(result)
+
+
+def _build_tfds(data_dir: str, file_format: str) -> None:
+    """Writes the data set with TFDS (imports TensorFlow: run in its own process)."""
+    import tensorflow_datasets as tfds
+
+    registered = tfds.builder(NAME, data_dir=data_dir, file_format=file_format)
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=NAME, version=VERSION, features=registered.info.features, data_dir=data_dir,
+        split_datasets={split: [(file_name, dict(image=encoded, label=label,
+                                                 file_name=file_name))
+                                for file_name, encoded, label in examples(split)]
+                        for split in SPLITS},
+        file_format=file_format,
+        download_config=tfds.download.DownloadConfig(num_shards=NUM_SHARDS))
+    # The metadata of the registered builder (description, citation, supervised keys,
+    # module), with the splits just written, as `tfds build imagenet2012` leaves it.
+    prepared = tfds.builder(NAME, data_dir=data_dir)
+    prepared.info.write_to_directory(prepared.data_dir)
+
+
+def make_tfds_imagenet(root, file_format: str = 'array_record') -> str:
+    """Writes the generated imagenet2012 into `root` (a TFDS data_dir) and returns it.
+
+    TFDS's writer imports TensorFlow, which must not share a process with torch, so the
+    data set is written by a child process.
+    """
+    data_dir = os.fspath(root)
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), '--tfds', data_dir,
+                             file_format], capture_output=True, text=True, timeout=300)
+    if result.returncode:
+        raise RuntimeError(f'writing {NAME} in {data_dir} failed:\n{result.stderr[-3000:]}')
+    return data_dir
+
+
+def make_image_folders(root) -> tuple[str, str]:
+    """(labelled root, flat root) below `root`: `labelled/{train,validation}/<synset>/
+    <file>`, and `flat/train/<file>` unlabelled beside a labelled `flat/validation`."""
+    labelled, flat = os.path.join(root, 'labelled'), os.path.join(root, 'flat')
+    for split in SPLITS:
+        for file_name, encoded, label in examples(split):
+            paths = [os.path.join(labelled, split, SYNSETS[label], file_name),
+                     os.path.join(flat, split, file_name) if split == 'train' else
+                     os.path.join(flat, split, SYNSETS[label], file_name)]
+            for path in paths:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, 'wb') as file:
+                    file.write(encoded)
+    return labelled, flat
+
+
+def shipped_config(*overrides: str, config: str = 'vit_small_imagenet'):
+    """`configs/<config>.py` with command-line overrides (`--config.data.data_dir=...`),
+    parsed as train.py parses them."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ['train.py', f'--config={REPOSITORY}/configs/{config}.py', *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def dataset_info(data_dir: str) -> dict:
+    with open(os.path.join(data_dir, NAME, VERSION, 'dataset_info.json')) as file:
+        return json.load(file)
+
+
+@pytest.fixture(scope='session')
+def tfds_imagenet_dir(tmp_path_factory) -> str:
+    """A TFDS data_dir with imagenet2012 in ArrayRecord format (128 train, 48 validation)."""
+    return make_tfds_imagenet(tmp_path_factory.mktemp('tfds_imagenet'))
+
+
+@pytest.fixture(scope='session')
+def tfds_imagenet_tfrecord_dir(tmp_path_factory) -> str:
+    """The same imagenet2012 in TFRecord format (`tfds build`'s default)."""
+    return make_tfds_imagenet(tmp_path_factory.mktemp('tfds_imagenet_tfrecord'), 'tfrecord')
+
+
+@pytest.fixture(scope='session')
+def _image_folders(tmp_path_factory) -> tuple[str, str]:
+    return make_image_folders(str(tmp_path_factory.mktemp('image_folders')))
+
+
+@pytest.fixture(scope='session')
+def image_folder_labelled(_image_folders) -> str:
+    """`R/{train,validation}/<synset>/<file>`: the TFDS set's images and labels."""
+    return _image_folders[0]
+
+
+@pytest.fixture(scope='session')
+def image_folder_flat(_image_folders) -> str:
+    """`R/train/<file>` (unlabelled, the TFDS set's train images) and `R/validation/
+    <synset>/<file>` (labelled)."""
+    return _image_folders[1]
+
+
+if __name__ == '__main__':
+    if sys.argv[1] == '--tfds':
+        _build_tfds(*sys.argv[2:])
+    else:
+        out = sys.argv[1]
+        print(make_tfds_imagenet(os.path.join(out, 'tfds')), *make_image_folders(out))
