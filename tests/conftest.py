@@ -7,10 +7,13 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8'])
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Label files of the generated data sets go to a scratch directory, not ~/.cache.
+os.environ.setdefault('BAM_JAX_LABEL_CACHE', tempfile.mkdtemp(prefix='bam_jax_labels_'))
 
 import jax  # noqa: E402  (after the flags)
 import pytest  # noqa: E402

@@ -33,7 +33,8 @@ _CROPS = ('--config.crops.global_size=32', '--config.crops.local_size=16',
           '--config.data.num_workers=0', '--config.projector.hidden_dim=64',
           '--config.projector.out_dim=32', '--config.knn.image_size=32',
           '--config.knn.resize_size=36', '--config.knn.batch_size=32',
-          '--config.data.ccrop_image_size=32', '--config.log_every_steps=1')
+          '--config.data.ccrop_image_size=32', '--config.log_every_steps=1',
+          '--config.loss.top_k=8')  # top-k of the 32 columns of a batch of 16
 SHRINK_MODEL = {
     'vit': ('--config.model.img_size=32', '--config.model.patch_size=8',
             '--config.model.embed_dim=32', '--config.model.depth=1',
@@ -47,7 +48,7 @@ SHRINK_MNIST = ('--config.model.embed_dim=32', '--config.model.depth=1',
                 '--config.model.num_heads=2', '--config.projector.hidden_dim=64',
                 '--config.projector.out_dim=32', '--config.crops.n_local=2',
                 '--config.epochs=1')
-SHRINK_EVALUATE = ('--config.linear.epochs=1', '--config.fewshot.n_episodes=10',
+SHRINK_EVALUATE = ('--config.linear.epochs=1', '--config.linear.n_last_blocks=1', '--config.fewshot.n_episodes=10',
                    '--config.kmeans.n_init=1', '--config.attention.num_images=2')
 SHRINK_CONVERT = ('--workers', '1')
 

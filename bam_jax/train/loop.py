@@ -197,8 +197,7 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
     # End of an epoch: ContrastiveCrop boxes and kNN on their schedules.
     # ------------------------------------------------------------------------------
     backbone = training.network.backbone
-    knn = (online.OnlineKnn(config, backbone, train_source, mesh)
-           if config.knn.every_epochs else None)
+    knn = online.make_online_knn(config, backbone, train_source, mesh)
     evaluation: dict[str, float] = {}
 
     def end_of_epoch(epoch: int):
