@@ -81,4 +81,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main, flags_parser=command_line.parse_flags)
+    command_line.run(main)
