@@ -219,8 +219,6 @@ def write_all(writers: Mapping[pathlib.Path, Callable[[pathlib.Path], None]]):
             temporary_path.unlink(missing_ok=True)
 
 
-
-
 def _run_torch(*arguments: str) -> str:
     """`python -m bam_jax.export_torch ARGUMENTS` in a child process; its stdout."""
     root = str(pathlib.Path(__file__).resolve().parents[1])  # where bam_jax is
