@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
-HELP = ('--help', '-h', '-?')
+HELP = ('--help', '-h', '-?', '--helpshort')  # absl's --helpfull lists every library's flags
 # The libraries' own switches, set unless the user set them (see `quiet_startup`).
 QUIET_ENVIRONMENT = {
     # C++ logs of TensorFlow and XLA: no INFO lines (TensorFlow's CPU-instructions banner);
@@ -58,11 +58,11 @@ def quiet_startup():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def asks_for_help(argv) -> bool:
+def asks_for_help(argv, options=HELP) -> bool:
     arguments = argv[1:]
     if '--' in arguments:
         arguments = arguments[:arguments.index('--')]
-    return any(argument in HELP for argument in arguments)
+    return any(argument in options for argument in arguments)
 
 
 def argument_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -136,8 +136,10 @@ def define_config_file(name: str, default: str | None, help_string: str):
 
 def parse_flags(argv, names=('config',)):
     """absl's parsing (`app.run(..., flags_parser=...)`): `--help` prints the command's
-    docstring and flags and exits 0; a misspelt config key or a bad flag value is one
-    `error:` line."""
+    docstring and flags (`--helpfull` every library's too) and exits 0, not absl's 1; a
+    misspelt config key or a bad flag value is one `error:` line."""
+    if asks_for_help(argv, ('--helpfull',)):
+        app.usage(writeto_stdout=True, exitcode=0)
     if asks_for_help(argv):
         app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     try:

@@ -56,6 +56,12 @@ def test_help_prints_the_docstring_and_the_flags_and_exits_0(name, flag):
     assert not heavy
 
 
+def test_helpfull_adds_the_libraries_flags_and_exits_0():
+    result = run('train.py', '--helpfull')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '--config:' in result.stdout and '--verbosity:' in result.stdout  # absl's own
+
+
 def test_quiet_startup_silences_the_libraries_but_not_warnings():
     script = '\n'.join([
         'from bam_jax import command_line',
