@@ -124,4 +124,4 @@ def _summary(result: dict, workdir: str) -> str:
 
 
 if __name__ == '__main__':
-    app.run(main, flags_parser=command_line.parse_flags)
+    command_line.run(main)

@@ -1,7 +1,7 @@
 r"""Backbones to PyTorch/timm files, and PyTorch (official BAM) checkpoints back to JAX.
 
   python -m bam_jax.export --workdir DIR [--step N] [--weights teacher|student] \
-    --out FILE [--format safetensors|pth] [--official]
+    --out FILE [--format safetensors|pth] [--official] [--overwrite]
 
 writes the backbone of a training checkpoint (the teacher by default, as the official
 evaluation uses) as a timm state dict, a JSON of the `timm.create_model` arguments
@@ -10,14 +10,15 @@ BAM checkpoint layout (`student.module.backbone.*`, `teacher.backbone.*`) that t
 official `eval_linear.py` and video-segmentation scripts load. `import_backbone` reads
 such files, or a bare timm state dict, into JAX variables.
 
-torch runs only in a child process: a process that imported TensorFlow crashes when it
-then imports torch. Outputs are written to temporary files and renamed when all are
-complete, so a failure leaves no partial file.
+torch runs only in a child process (`bam_jax.export_torch`): a process that imported
+TensorFlow crashes when it then imports torch. Outputs are written to temporary files and
+renamed when all are complete, so a failure leaves no partial file; an existing output is
+replaced only with --overwrite. JAX, orbax and the models are imported by the functions
+that use them, so --help and flag errors are instant.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -27,17 +28,10 @@ import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType
 
-from bam_jax.models.multicrop import build_network
-from bam_jax.models.timm_names import ArchitectureMismatch, create_model_line, timm_backbone
-from bam_jax.train import build_training
-from bam_jax.train import checkpoint as checkpoint_lib
-from bam_jax.train import state as state_lib
+from bam_jax import command_line
 
 FORMATS = {'.safetensors': 'safetensors', '.pth': 'pth', '.pt': 'pth'}
 WEIGHTS = ('teacher', 'student')
@@ -75,6 +69,13 @@ def restore_state(workdir: pathlib.Path, step: int | None = None):
     so a checkpoint written on any number of devices restores here. If the checkpoint
     also saved its config, its `model` must equal config.json's.
     """
+    import jax
+    from jax.sharding import AxisType
+
+    from bam_jax.models.timm_names import ArchitectureMismatch
+    from bam_jax.train import build_training
+    from bam_jax.train import checkpoint as checkpoint_lib
+
     workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
     config = load_run_config(workdir)
     directory = workdir / 'checkpoints'
@@ -138,7 +139,11 @@ def _check_saved_shapes(abstract_state, step_directory: pathlib.Path,
     A mismatch found by orbax mid-restore leaves its reader threads failing noisily;
     this check names the first differing array instead (backbone params first).
     """
+    import jax
     import orbax.checkpoint as ocp
+
+    from bam_jax.models.timm_names import ArchitectureMismatch
+    from bam_jax.train import checkpoint as checkpoint_lib
     try:
         metadata = ocp.StandardCheckpointHandler().metadata(
             step_directory / checkpoint_lib.STATE)
@@ -163,6 +168,7 @@ def _check_saved_shapes(abstract_state, step_directory: pathlib.Path,
 
 def backbone_variables(state, weights: str) -> dict[str, Any]:
     """The backbone's {'params'[, 'batch_stats']} of the student or the EMA teacher."""
+    from bam_jax.train import state as state_lib
     try:
         return state_lib.backbone_variables(state, weights)
     except ValueError as error:
@@ -175,12 +181,14 @@ def backbone_variables(state, weights: str) -> dict[str, Any]:
 def timm_spec(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """The spec (`timm_names`) of the timm model equal to `config.model`'s, as the JSON
     beside an export holds it (tuples become lists), so the two compare equal."""
+    from bam_jax.models.timm_names import timm_backbone
     spec = timm_backbone(model_config['name']).model_spec(model_config)
     return json.loads(json.dumps(spec))
 
 
 def load_lines(spec: Mapping[str, Any], path: pathlib.Path, file_format: str) -> list[str]:
     """Python lines that build the timm model and load `path` into it, strictly."""
+    from bam_jax.models.timm_names import create_model_line
     if file_format == 'safetensors':
         head = ['import timm', 'from safetensors.torch import load_file']
         read = f'load_file({str(path)!r})'
@@ -211,51 +219,13 @@ def write_all(writers: Mapping[pathlib.Path, Callable[[pathlib.Path], None]]):
             temporary_path.unlink(missing_ok=True)
 
 
-# Run as `python -c`: never imports TensorFlow or bam_jax.
-_TORCH_CHILD = r'''
-import argparse, json, sys
-import torch
-from safetensors.torch import load_file, save_file
-
-def fail(message):
-    print(message, file=sys.stderr)
-    sys.exit(1)
-
-mode, source, target = sys.argv[1:4]
-if mode == 'save':  # safetensors -> .pth, optionally as {'model': state_dict}
-    state_dict = load_file(source)
-    torch.save({'model': state_dict} if sys.argv[4] == 'wrap' else state_dict, target)
-    sys.exit(0)
-torch.serialization.add_safe_globals([argparse.Namespace])  # official `args`
-try:
-    checkpoint = torch.load(source, map_location='cpu', weights_only=True)
-except Exception as error:
-    fail(f'{source} is not a readable PyTorch checkpoint: {str(error).splitlines()[0]}')
-args = None
-if isinstance(checkpoint, dict):
-    for key in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(key), dict):
-            args = checkpoint.get('args')
-            checkpoint = checkpoint[key]
-            break
-if not isinstance(checkpoint, dict):
-    fail(f'{source} holds a {type(checkpoint).__name__}, not a state dict')
-tensors = {key: value.detach().to(torch.float32 if value.dtype == torch.bfloat16
-                                   else value.dtype).contiguous().clone()
-           for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
-if not tensors:
-    fail(f'{source} holds no tensors')
-save_file(tensors, target)
-simple = (str, int, float, bool, type(None))
-args = {key: value for key, value in vars(args).items() if isinstance(value, simple)} \
-    if isinstance(args, argparse.Namespace) else None
-print(json.dumps({'args': args}))
-'''
-
-
 def _run_torch(*arguments: str) -> str:
-    result = subprocess.run([sys.executable, '-c', _TORCH_CHILD, *arguments],
-                            capture_output=True, text=True, check=False)
+    """`python -m bam_jax.export_torch ARGUMENTS` in a child process; its stdout."""
+    root = str(pathlib.Path(__file__).resolve().parents[1])  # where bam_jax is
+    path = os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')]))
+    result = subprocess.run([sys.executable, '-m', 'bam_jax.export_torch', *arguments],
+                            capture_output=True, text=True, check=False,
+                            env=dict(os.environ, PYTHONPATH=path))
     if result.returncode:
         lines = result.stderr.strip().splitlines() or ['(no message)']
         if 'No module named' in lines[-1]:
@@ -300,9 +270,10 @@ def read_state_dict(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str
 # ---------------------------------------------------------------------------
 # Export.
 # ---------------------------------------------------------------------------
-def output_paths(out: pathlib.Path, file_format: str | None,
-                 official: bool) -> tuple[str, dict[str, pathlib.Path]]:
-    """The format and the paths of the state dict, its JSON and the official file."""
+def output_paths(out: pathlib.Path, file_format: str | None, official: bool,
+                 overwrite: bool = False) -> tuple[str, dict[str, pathlib.Path]]:
+    """The format and the paths of the state dict, its JSON and the official file;
+    an existing one is refused unless `overwrite`."""
     suffix_format = FORMATS.get(out.suffix)
     if file_format is None:
         file_format = suffix_format or 'safetensors'
@@ -314,6 +285,10 @@ def output_paths(out: pathlib.Path, file_format: str | None,
         paths['official'] = out.with_name(out.stem + '.official.pth')
     if len(set(paths.values())) < len(paths):
         raise ExportError(f'--out {out} would collide with its own JSON or official file')
+    existing = [path for path in paths.values() if path.is_file()]
+    if existing and not overwrite:
+        raise ExportError(f'{existing[0]} exists; pass --overwrite to replace it, or '
+                          'choose another --out')
     return file_format, paths
 
 
@@ -332,7 +307,8 @@ def official_networks(state) -> dict[str, dict[str, Any]]:
 def export_backbone(variables: Mapping[str, Any], model_config: Mapping[str, Any],
                     out: str | pathlib.Path, *, file_format: str | None = None,
                     official: Mapping[str, Mapping[str, Any]] | None = None,
-                    info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    info: Mapping[str, Any] | None = None,
+                    overwrite: bool = False) -> dict[str, Any]:
     """Writes backbone variables as a timm state dict plus its JSON; returns the JSON.
 
     Args:
@@ -343,9 +319,11 @@ def export_backbone(variables: Mapping[str, Any], model_config: Mapping[str, Any
       official: if given, {key prefix: variables} also written as OUT_STEM.official.pth
         in the official BAM checkpoint layout `{'model': {prefix + timm key: tensor}}`.
       info: extra entries for the JSON (step, weights, workdir).
+      overwrite: replace existing files (else an ExportError names the first).
     """
+    from bam_jax.models.timm_names import timm_backbone
     out = pathlib.Path(out).absolute()
-    file_format, paths = output_paths(out, file_format, official is not None)
+    file_format, paths = output_paths(out, file_format, official is not None, overwrite)
     entry = timm_backbone(model_config['name'])
     spec = timm_spec(model_config)
     state_dict = entry.to_timm(variables)
@@ -369,13 +347,14 @@ def export_backbone(variables: Mapping[str, Any], model_config: Mapping[str, Any
 def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                    step: int | None = None, weights: str | None = None,
                    file_format: str | None = None,
-                   official: bool = False) -> dict[str, Any]:
+                   official: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Writes a checkpoint's backbone for timm (see `export_backbone`).
 
     `weights` defaults to the teacher when the run has one; `step` to the latest.
     """
     workdir = pathlib.Path(workdir)
-    output_paths(pathlib.Path(out), file_format, official)  # bad flags fail before reading
+    # Bad flags and existing outputs fail before the checkpoint is read.
+    output_paths(pathlib.Path(out).absolute(), file_format, official, overwrite)
     if weights not in (None, *WEIGHTS):
         raise ExportError(f'weights must be one of {WEIGHTS}, got {weights!r}')
     config, state, step = restore_state(workdir, step)
@@ -384,7 +363,8 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     return export_backbone(
         backbone_variables(state, weights), config.model.to_dict(), out,
         file_format=file_format, official=official_networks(state) if official else None,
-        info={'weights': weights, 'step': int(step), 'workdir': str(workdir.absolute())})
+        info={'weights': weights, 'step': int(step), 'workdir': str(workdir.absolute())},
+        overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------
@@ -419,6 +399,10 @@ def select_backbone(state_dict: Mapping[str, np.ndarray], weights: str | None,
 
 def abstract_backbone(config) -> dict[str, Any]:
     """Shapes and dtypes of the backbone variables of a run config."""
+    import jax
+    import jax.numpy as jnp
+
+    from bam_jax.models.multicrop import build_network
     backbone = build_network(config).backbone
     size = config.crops.global_size
     return jax.eval_shape(lambda: backbone.init(jax.random.key(0),
@@ -427,6 +411,7 @@ def abstract_backbone(config) -> dict[str, Any]:
 
 def _check_same_architecture(found: Mapping[str, Any], expected: Mapping[str, Any],
                              source: str):
+    from bam_jax.models.timm_names import ArchitectureMismatch
     differing = {key: (found[key], value) for key, value in expected.items()
                  if key in found and found[key] != value}
     if differing:
@@ -446,6 +431,7 @@ def import_backbone(path: str | pathlib.Path, config,
     the timm arguments in the JSON beside an exported file), which catches what shapes
     cannot, such as the head count.
     """
+    from bam_jax.models.timm_names import timm_backbone
     path = pathlib.Path(path)
     entry = timm_backbone(config.model.name)
     spec = timm_spec(config.model.to_dict())
@@ -467,22 +453,27 @@ def import_backbone(path: str | pathlib.Path, config,
 # Command line.
 # ---------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog='python -m bam_jax.export', description=__doc__.split('\n')[0])
-    parser.add_argument('--workdir', required=True, type=pathlib.Path)
+    parser = command_line.argument_parser('python -m bam_jax.export', __doc__)
+    parser.add_argument('--workdir', required=True, type=pathlib.Path,
+                        help='a training workdir (train.py --workdir)')
     parser.add_argument('--step', type=int, help='default: the latest checkpoint')
     parser.add_argument('--weights', choices=WEIGHTS,
                         help='default: the teacher if the run has one')
-    parser.add_argument('--out', required=True, type=pathlib.Path)
+    parser.add_argument('--out', required=True, type=pathlib.Path,
+                        help='the state dict file (.safetensors or .pth); its JSON goes '
+                        'beside it')
     parser.add_argument('--format', choices=sorted(set(FORMATS.values())),
                         help='default: from the --out suffix, else safetensors')
     parser.add_argument('--official', action='store_true',
                         help='also write OUT_STEM.official.pth in the official BAM layout')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace existing output files')
     args = parser.parse_args(argv)
+    command_line.quiet_startup()
     try:
         summary = export_workdir(args.workdir, args.out, step=args.step,
                                  weights=args.weights, file_format=args.format,
-                                 official=args.official)
+                                 official=args.official, overwrite=args.overwrite)
     except (ExportError, ValueError, OSError) as error:  # ValueError: bad config values
         print(f'error: {error}', file=sys.stderr)
         return 1

@@ -2,15 +2,14 @@ r"""Evaluation protocols of `python -m bam_jax.evaluate` (official values where 
 
 Unset (None) data and kNN keys come from the run's config (`config.data`, `config.knn`:
 for the MNIST default, all 4,000 'train' digits against the 1,000 'test' digits at 32 px).
+The run's config may also hold settings of its own in an `evaluation` section, which
+override these (`configs/mnist.py`: the linear probe that suits digits); `--config.<key>`
+overrides win over both.
 
   python -m bam_jax.evaluate --workdir=runs/mnist --out=runs/mnist/eval.json
-  # MNIST (4 steps of 1,024 digits per epoch): a BN head and a larger rate keep SGD
-  # stable; digit-sized crops without flips.
-  python -m bam_jax.evaluate --workdir=runs/mnist --config.linear.bn_head=True \
-    --config.linear.lr=0.1 --config.linear.crop_scale='(0.4, 1.0)' \
-    --config.linear.flip_prob=0 --out=runs/mnist/eval.json
   python -m bam_jax.evaluate --workdir=runs/mnist --features=pixels \
     --config.protocols=knn,linear --config.linear.epochs=10
+  # The official ViT-B protocol: one block's CLS and average patch token, a BN head.
   python -m bam_jax.evaluate --backbone=vitb16.pth --run_config=configs/vit_base_imagenet.py \
     --config.protocols=linear --config.linear.n_last_blocks=1 \
     --config.linear.avgpool=True --config.linear.bn_head=True --config.linear.lr=0.002

@@ -52,4 +52,10 @@ def get_config():
     config.log_every_steps = 10
     config.checkpoint_every_steps = 200
     config.profile_steps = 0
+
+    # `python -m bam_jax.evaluate` settings for this run (over configs/evaluate.py's):
+    # 4 steps of 1,024 digits per epoch, so a BN head and a larger rate keep the
+    # linear probe's SGD stable; digit-sized crops without flips.
+    config.evaluation = dict(linear=dict(bn_head=True, lr=0.1, crop_scale=(0.4, 1.0),
+                                         flip_prob=0.0))
     return config

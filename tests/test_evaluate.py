@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -159,12 +160,52 @@ def test_feature_layout_is_get_intermediate_layers_convention():
 
 RUN_CONFIG = (f'--run_config={TINY}',
               *(flag.replace('--config.', '--run_config.') for flag in SMALL))
-# Three epochs (12 SGD steps) with the MNIST settings of configs/evaluate.py's docstring.
-FAST_LINEAR = ('--config.linear.epochs=3', '--config.linear.n_last_blocks=1',
-               '--config.linear.bn_head=True', '--config.linear.lr=0.1',
-               '--config.linear.crop_scale=(0.4, 1.0)', '--config.linear.flip_prob=0')
+# Three epochs (12 SGD steps); the other MNIST settings come from the run's config.
+FAST_LINEAR = ('--config.linear.epochs=3', '--config.linear.n_last_blocks=1')
 FAST_LOW_LABEL = ('--config.fewshot.n_episodes=50', '--config.kmeans.n_init=2',
                   '--config.attention.num_images=2')
+
+
+MNIST_LINEAR = dict(bn_head=True, lr=0.1, crop_scale=(0.4, 1.0), flip_prob=0.0)
+
+
+def test_settings_come_from_the_run_config_then_the_command_line():
+    from configs import evaluate as evaluate_config, mnist, vit_base_imagenet
+    from bam_jax.evaluate import runner
+
+    def resolved(run_config, **overrides):
+        config = evaluate_config.get_config()
+        config.update_from_flattened_dict(overrides)  # as `--config.<key>=` does
+        return runner.protocol_config(config, run_config, overrides)
+
+    defaults = evaluate_config.get_config().linear
+    config, line = resolved(vit_base_imagenet.get_config())
+    assert config.linear == defaults and line == 'settings: configs/evaluate.py'
+    # configs/mnist.py, as a file or as a workdir's config.json (tuples as lists).
+    as_json = ml_collections.ConfigDict(json.loads(mnist.get_config().to_json()))
+    for run_config in (mnist.get_config(), as_json):
+        config, line = resolved(run_config, **{'linear.lr': 0.5, 'linear.epochs': 7})
+        assert {key: config.linear[key] for key in MNIST_LINEAR} == {**MNIST_LINEAR,
+                                                                     'lr': 0.5}
+        assert (config.linear.epochs, config.linear.n_last_blocks) == (7, 4)
+        assert line == ("settings: configs/evaluate.py, then the run config's evaluation "
+                        'section (linear.bn_head=True, linear.crop_scale=(0.4, 1.0), '
+                        'linear.flip_prob=0.0), then the command line (linear.lr=0.5, '
+                        'linear.epochs=7)')
+    misspelt = mnist.get_config()
+    misspelt.evaluation.linear.learning_rate = 0.1
+    with pytest.raises(runner.EvaluationError,
+                       match=r"the run config's evaluation.linear.learning_rate is not a key "
+                             'of configs/evaluate.py'):
+        resolved(misspelt)
+
+
+def test_probe_progress_every_tenth_with_eta():
+    assert linear.progress_epochs(100) == {0, *range(9, 100, 10)}
+    assert linear.progress_epochs(3) == {0, 1, 2}
+    assert linear.progress_epochs(15) == {0, 1, 2, 4, 5, 7, 8, 10, 11, 13, 14}
+    assert [linear.duration(s) for s in (41.6, 185, 7620)] == ['42 s', '3 min 05 s',
+                                                                 '2 h 07 min']
 
 
 def evaluate(*flags):
@@ -206,6 +247,8 @@ def test_workdir_and_exported_file_give_the_same_numbers(small_mnist_run, export
     assert 20 < knn['top1'] <= knn['top5'] <= 100
     probe = from_workdir['results']['linear']
     assert 15 < probe['top1'] <= 100 and len(probe['epochs']) == 3  # chance: 10
+    assert {key: from_workdir['config']['linear'][key] for key in MNIST_LINEAR} == {
+        **MNIST_LINEAR, 'crop_scale': [0.4, 1.0]}  # configs/mnist.py's evaluation section
     assert set(from_workdir['seconds']) == {'features', 'knn', 'linear', 'fewshot',
                                             'retrieval', 'kmeans', 'attention'}
     assert re.search(rf'^knn +top1 +{knn["top1"]:.2f}$', result.stdout, re.M)  # the table
@@ -233,6 +276,18 @@ def test_pixel_and_random_baselines(small_mnist_run, tmp_path):
                                      tmp_path / 'random.json'), tmp_path / 'random.json')
     assert random_init['features'] == 'random' and random_init['model']['embed_dim'] == 32
     assert 10 < random_init['results']['knn']['top1'] < 92.8
+
+
+def test_the_command_says_where_its_settings_come_from():
+    result = evaluate(*RUN_CONFIG, '--features=pixels', '--config.protocols=knn',
+                      '--config.linear.lr=0.5', '--config.data.batch_size=3')
+    assert result.returncode == 1  # stopped before any feature: 3 images on 4 devices
+    assert result.stderr.strip() == ('error: config.data.batch_size=3 is not divisible by '
+                                     'the 4 devices')
+    assert result.stdout.splitlines() == [
+        "settings: configs/evaluate.py, then the run config's evaluation section "
+        '(linear.bn_head=True, linear.crop_scale=(0.4, 1.0), linear.flip_prob=0.0), then '
+        "the command line (protocols='knn', linear.lr=0.5, data.batch_size=3)"]
 
 
 @pytest.mark.parametrize('case, change, flags, message', [

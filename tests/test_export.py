@@ -345,6 +345,68 @@ def test_command_errors_are_one_line_and_leave_no_file(tiny_run, tmp_path, capsy
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize('existing', ['model.safetensors', 'model.json'])
+def test_existing_output_is_refused_without_overwrite(tiny_run, tmp_path, capsys, existing):
+    _, workdir, _ = tiny_run
+    (tmp_path / existing).write_bytes(b'an earlier export')
+    argv = ['--workdir', str(workdir), '--out', str(tmp_path / 'model.safetensors')]
+    assert export.main(argv) == 1
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert stderr == [f'error: {tmp_path / existing} exists; pass --overwrite to replace '
+                      'it, or choose another --out']
+    assert [path.name for path in tmp_path.iterdir()] == [existing]
+    assert (tmp_path / existing).read_bytes() == b'an earlier export'
+    assert export.main([*argv, '--overwrite']) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['model.json',
+                                                                 'model.safetensors']
+    assert json.loads((tmp_path / 'model.json').read_text())['step'] == TRAINED_STEP
+
+
+# ------------------------------------------------------------ the torch child
+
+# .pth files the exporter never writes: an official-style bfloat16 checkpoint with
+# `args`, and two that are not state dicts.
+MAKE_TORCH_FILES = r'''
+import argparse, sys, torch
+directory = sys.argv[1]
+weights = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3) / 4
+args = argparse.Namespace(arch='vit_small', patch_size=16, lr=0.1, drop=[0.1, 0.2])
+torch.save({'state_dict': {'w': weights, 'epoch': 3}, 'args': args}, f'{directory}/bf16.pth')
+torch.save([torch.zeros(2)], f'{directory}/list.pth')
+torch.save({'model': {'epoch': 3}}, f'{directory}/no_tensors.pth')
+'''
+
+
+def torch_child(*arguments):
+    """`python -X importtime -m bam_jax.export_torch ARGUMENTS`: (result, modules imported)."""
+    result = subprocess.run([sys.executable, '-X', 'importtime', '-m', 'bam_jax.export_torch',
+                             *map(str, arguments)],
+                            cwd=REPOSITORY, capture_output=True, text=True, check=False)
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit('|', 1)[-1].strip() for line in lines
+                if line.startswith('import time:')}
+    errors = [line for line in lines if not line.startswith('import time:')]
+    return result.returncode, result.stdout, errors, imported
+
+
+def test_torch_child_reads_official_checkpoints_and_refuses_other_files(tmp_path):
+    subprocess.run([sys.executable, '-c', MAKE_TORCH_FILES, tmp_path], check=True)
+    code, stdout, errors, imported = torch_child('load', tmp_path / 'bf16.pth',
+                                                 tmp_path / 'bf16.safetensors')
+    assert code == 0, errors
+    assert 'torch' in imported and not {'jax', 'tensorflow', 'flax'} & imported
+    # The run's simple args (its architecture), not the list.
+    assert json.loads(stdout) == {'args': {'arch': 'vit_small', 'patch_size': 16, 'lr': 0.1}}
+    tensors = load_file(tmp_path / 'bf16.safetensors')
+    assert list(tensors) == ['w'] and tensors['w'].dtype == np.float32  # bfloat16 widened
+    np.testing.assert_array_equal(tensors['w'], np.arange(6).reshape(2, 3) / 4)
+    for name, message in [('list.pth', 'holds a list, not a state dict'),
+                          ('no_tensors.pth', 'holds no tensors')]:
+        code, _, errors, _ = torch_child('load', tmp_path / name, tmp_path / 'x.safetensors')
+        assert (code, errors) == (1, [f'{tmp_path / name} {message}'])
+        assert not (tmp_path / 'x.safetensors').exists()
+
+
 # ------------------------------------------------------------ ResNet and CAFormer
 
 BACKBONE_RUNS = {  # name: (config module, tiny `config.model` attributes)

@@ -19,7 +19,6 @@ There is no in-place mode: TFDS's convention for one (`array_record` added to
 as imagenet2012 in tfds 4.9.10, whose `DatasetInfo` keeps the formats its code declares.
 """
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -32,6 +31,7 @@ import tempfile
 import time
 import uuid
 
+from bam_jax import command_line
 from bam_jax.data.sources import DataError
 
 # What TFDS's `ArrayRecordFileAdapter.write_examples` passes to `ArrayRecordWriter`
@@ -263,8 +263,7 @@ def convert(name: str, data_dir: str, out_dir: str, splits: list[str] | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m bam_jax.data.convert',
-                                     description=__doc__.split('\n')[0])
+    parser = command_line.argument_parser('python -m bam_jax.data.convert', __doc__)
     parser.add_argument('--name', help='TFDS name: dataset[/config][:version]')
     parser.add_argument('--data_dir', help='the TFDS data_dir holding <name>/<version>/ '
                         '(local or gs://)')
@@ -275,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--overwrite', action='store_true',
                         help='replace an existing converted copy')
     args = parser.parse_args(argv)
+    command_line.quiet_startup()  # before TensorFlow is imported
     logging.basicConfig(format='%(message)s')
     _log.setLevel(logging.INFO)  # progress lines; TFDS's own info stays quiet
     try:

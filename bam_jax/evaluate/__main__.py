@@ -5,14 +5,16 @@ k-means, attention maps.
     [--features checkpoint|random|pixels] [--out FILE.json] [--config.<key>=<value> ...]
   python -m bam_jax.evaluate --backbone FILE.safetensors|.pth --run_config CONFIG.py ...
 
-The protocols and their settings are in `configs/evaluate.py` (`--config`), with data
-defaults from the run's config: the workdir's `config.json`, or `--run_config` (a
-training config file, also overridable, `--run_config.model.depth=...`) for a backbone
-file or a baseline without a workdir. `--features=random` evaluates the run's
-architecture at its random initialisation, `--features=pixels` raw pixels. The results
-are printed as a table and written, all or nothing, to `--out` (JSON); the attention
-figures go to the directory `OUT_STEM.attention/`. Bad input stops with one `error:`
-line and exit status 1, before anything is written.
+The protocols and their settings are in `configs/evaluate.py` (`--config`). The run's
+config (the workdir's `config.json`, or `--run_config`: a training config file, also
+overridable, `--run_config.model.depth=...`, for a backbone file or a baseline without a
+workdir) gives the data defaults and, in its `evaluation` section, settings of its own
+(the MNIST default's linear probe); `--config.<key>` overrides win over both.
+`--features=random` evaluates the run's architecture at its random initialisation,
+`--features=pixels` raw pixels. The results are printed as a table and written, all or
+nothing, to `--out` (JSON); the attention figures go to the directory
+`OUT_STEM.attention/`. Bad input stops with one `error:` line and exit status 1, before
+anything is written.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import sys
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from bam_jax import command_line
 
@@ -107,12 +110,10 @@ def main(argv):
     from bam_jax.data.sources import DataError
     from bam_jax.evaluate import runner
 
-    config = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
     backbone = pathlib.Path(_BACKBONE.value) if _BACKBONE.value else None
+    log = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        protocols = runner.parse_protocols(config.protocols)
-        out, attention_dir = _output_paths(_OUT.value, protocols)
         if backbone is not None and _FEATURES.value != 'checkpoint':
             _fail(f'--backbone is a checkpoint; it makes no sense with '
                   f'--features={_FEATURES.value}')
@@ -121,11 +122,18 @@ def main(argv):
         if workdir is not None and backbone is not None:
             _fail('pass --workdir or --backbone, not both')
         run_config = _run_config(workdir)
+        config_flag = flags.FLAGS['config']
+        config, settings = runner.protocol_config(
+            _CONFIG.value, run_config, config_flags.get_override_values(config_flag),
+            config_flags.get_config_filename(config_flag) if config_flag.present
+            else 'configs/evaluate.py')
+        protocols = runner.parse_protocols(config.protocols)
+        out, attention_dir = _output_paths(_OUT.value, protocols)
+        log(settings)
         subject = runner.load_subject(_FEATURES.value, run_config, workdir=workdir,
                                       step=_STEP.value, weights=_WEIGHTS.value,
                                       backbone_file=backbone)
-        evaluation = runner.Evaluation(config, run_config, subject,
-                                       log=lambda line: print(line, flush=True))
+        evaluation = runner.Evaluation(config, run_config, subject, log=log)
         staging = None
         if attention_dir is not None:
             staging = attention_dir.with_name(f'.{attention_dir.name}.{os.getpid()}.tmp')
@@ -153,5 +161,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main, flags_parser=lambda argv: command_line.parse_flags(
-        argv, names=('config', 'run_config')))
+    command_line.run(main, names=('config', 'run_config'))

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from typing import Any, Callable, Iterable, NamedTuple
 
 import flax.linen as nn
@@ -222,6 +223,23 @@ def feature_batches(train: Features, batch_size: int, seed: int = 0):
     return batches
 
 
+def progress_epochs(epochs: int, parts: int = 10) -> set[int]:
+    """The 0-based epochs after which progress is logged: the first, then each
+    `1/parts` of the run (every epoch of a short run)."""
+    return {0} | {epoch for epoch in range(epochs)
+                  if (epoch + 1) * parts // epochs > epoch * parts // epochs}
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '2 h 07 min'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f'{seconds} s'
+    if seconds < 3600:
+        return f'{seconds // 60} min {seconds % 60:02d} s'
+    return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
+
+
 def linear_probe(features_fn: Callable[[jax.Array], jax.Array],
                  train_batches: Callable[[int], Iterable[dict[str, Any]]], test: Features,
                  *, mesh: jax.sharding.Mesh, num_classes: int, epochs: int, lr: float,
@@ -248,6 +266,7 @@ def linear_probe(features_fn: Callable[[jax.Array], jax.Array],
     test_valid = test.valid & (test.labels >= 0)
     state = None
     per_epoch = []
+    logged, start = progress_epochs(epochs), time.perf_counter()
     for epoch in range(epochs):
         losses, epoch_lr = [], None
         for batch in train_batches(epoch):
@@ -270,9 +289,12 @@ def linear_probe(features_fn: Callable[[jax.Array], jax.Array],
         accuracy = topk_accuracy(predict(state, test.features), test.labels, test_valid)
         per_epoch.append({**accuracy, 'lr': epoch_lr,
                           'loss': float(np.mean(jax.device_get(losses)))})
-        if log is not None:
+        if log is not None and epoch in logged:
+            elapsed = time.perf_counter() - start
+            remaining = elapsed / (epoch + 1) * (epochs - epoch - 1)
             log(f'linear epoch {epoch + 1}/{epochs}: loss {per_epoch[-1]["loss"]:.4f}, '
-                f'top-1 {accuracy["top1"]:.2f}, top-5 {accuracy["top5"]:.2f}')
+                f'top-1 {accuracy["top1"]:.2f}, top-5 {accuracy["top5"]:.2f}; '
+                f'{duration(elapsed)}, ETA {duration(remaining)}')
     best = max(range(epochs), key=lambda index: per_epoch[index]['top1'])  # first best
     return LinearProbeResult(
         top1=per_epoch[best]['top1'], top5=per_epoch[best]['top5'], best_epoch=best,

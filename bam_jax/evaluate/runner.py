@@ -1,5 +1,9 @@
 """Every evaluation protocol on one set of frozen features, for `python -m bam_jax.evaluate`.
 
+The protocol settings are `configs/evaluate.py`'s, then the run config's `evaluation`
+section (`configs/mnist.py` holds the linear-probe settings that suit its digits), then
+the command line's `--config.<key>` overrides (`protocol_config`).
+
 The features come from a training checkpoint (`export.restore_state`), an exported or
 official backbone file (`export.import_backbone`), the run's architecture at its random
 initialisation (the run's own seed: its step-0 backbone), or raw pixels (the evaluation
@@ -14,13 +18,14 @@ the attention figures live in their own modules, imported only when asked for.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import io
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -64,6 +69,54 @@ def parse_protocols(text: str) -> list[str]:
         raise EvaluationError(f'config.protocols={text!r}: unknown {unknown or "(empty)"}; '
                               f'choose from {",".join(PROTOCOLS)}')
     return list(dict.fromkeys(names))
+
+
+def _flat(tree, prefix: str = '') -> dict[str, Any]:
+    """{'linear.lr': 0.1, ...} of a nested ConfigDict or dict."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            flat.update(_flat(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def protocol_config(config, run_config, overrides: Mapping[str, Any],
+                    config_name: str = 'configs/evaluate.py'
+                    ) -> tuple[ml_collections.ConfigDict, str]:
+    """The protocol settings: `config` (the --config file with its command-line
+    `overrides` applied), with the keys of the run config's `evaluation` section that the
+    command line did not override; and one line saying where they came from."""
+    config = copy.deepcopy(config)
+    settings = _flat(run_config.get('evaluation') or {})
+    defaults = _flat(config)
+
+    def overridden(path):
+        return any(path == key or path.startswith(f'{key}.') for key in overrides)
+
+    taken = {}
+    for path, value in settings.items():
+        if path not in defaults:
+            raise EvaluationError(f"the run config's evaluation.{path} is not a key of "
+                                  f'{config_name}; the file lists the keys')
+        if overridden(path):
+            continue
+        if isinstance(defaults[path], tuple) and isinstance(value, list):  # from JSON
+            value = tuple(value)
+        try:
+            config.update_from_flattened_dict({path: value})
+        except TypeError as error:
+            raise EvaluationError(f"the run config's evaluation.{path}={value!r}: "
+                                  f'{error}') from error
+        taken[path] = value
+    line = f'settings: {config_name}'
+    for origin, values in (("the run config's evaluation section", taken),
+                           ('the command line', overrides)):
+        if values:
+            shown = ', '.join(f'{path}={value!r}' for path, value in values.items())
+            line += f', then {origin} ({shown})'
+    return config, line
 
 
 def resolve_data(config, run_config) -> ml_collections.ConfigDict:

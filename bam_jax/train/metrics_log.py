@@ -1,7 +1,9 @@
 """The run's metric writers: TensorBoard and console (clu), plus a JSON-lines file.
 
 `metrics.jsonl` holds every logged scalar at full float precision, one line per step,
-so runs can be compared exactly (resume tests) and plotted without TensorBoard.
+so runs can be compared exactly (resume tests) and plotted without TensorBoard. The
+hyperparameters go to TensorBoard (and the workdir's config.json), not to the console,
+where they would be one line of a few thousand characters.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import pathlib
 from typing import Any, Mapping
 
 from clu import metric_writers
-from clu.metric_writers import interface
+from clu.metric_writers import interface, logging_writer
 
 
 class JsonLinesWriter(interface.MetricWriter):
@@ -57,13 +59,24 @@ class JsonLinesWriter(interface.MetricWriter):
         self._file.close()
 
 
+class ConsoleWriter(logging_writer.LoggingWriter):
+    """clu's console writer without the hyperparameters."""
+
+    def write_hparams(self, hparams):
+        pass
+
+
 def create_writer(workdir: str | pathlib.Path, *, main_process: bool):
-    """TensorBoard + console + JSON lines on the main process; console elsewhere."""
+    """TensorBoard + console + JSON lines on the main process; console elsewhere.
+
+    As `metric_writers.create_default_writer` (asynchronous), with `ConsoleWriter`.
+    """
     if not main_process:
-        return metric_writers.create_default_writer(just_logging=True)
+        return metric_writers.AsyncMultiWriter([ConsoleWriter()])
     workdir = pathlib.Path(workdir)
     return metric_writers.MultiWriter([
-        metric_writers.create_default_writer(str(workdir)),
+        metric_writers.AsyncMultiWriter([ConsoleWriter(),
+                                         metric_writers.SummaryWriter(str(workdir))]),
         JsonLinesWriter(workdir / 'metrics.jsonl')])
 
 

@@ -1,0 +1,99 @@
+"""The commands as a user meets them: `--help`, a quiet start-up, and flag errors that name
+the flag. Real subprocesses; nothing here trains or evaluates."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY
+
+# command: (how it is started, whether it takes --config files)
+COMMANDS = {
+    'train': ([str(REPO / 'train.py')], True),
+    'export': (['-m', 'bam_jax.export'], False),
+    'evaluate': (['-m', 'bam_jax.evaluate'], True),
+    'convert': (['-m', 'bam_jax.data.convert'], False),
+}
+FIRST_LINES = {
+    'train': 'Pretrains a backbone with BAM.',
+    'export': 'Backbones to PyTorch/timm files',
+    'evaluate': 'Evaluates a frozen backbone with every protocol',
+    'convert': 'TFDS TFRecord → ArrayRecord without Apache Beam',
+}
+# Start-up lines of TensorFlow (C++ logs, oneDNN, CPU features), absl and JAX/libtpu.
+NOISE = re.compile(r'oneDNN|cpu_feature_guard|absl::InitializeLog|Logging before flag parsing|'
+                   r'libtpu|Unable to initialize backend|Platform .* not found|^[IW]\d{4} ',
+                   re.M)
+
+
+def run(*arguments, env=None):
+    environment = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, *map(str, arguments)], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.parametrize('flag', ['--help', '-h'])
+@pytest.mark.parametrize('name', COMMANDS)
+def test_help_prints_the_docstring_and_the_flags_and_exits_0(name, flag):
+    start, has_config = COMMANDS[name]
+    result = run('-X', 'importtime', *start, flag)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(FIRST_LINES[name]) or (
+        FIRST_LINES[name] in result.stdout.split('\n\n')[1]), result.stdout[:500]
+    assert ('--config' in result.stdout) == has_config
+    assert '--workdir' in result.stdout if name != 'convert' else '--out_dir' in result.stdout
+    # -X importtime lists every module imported: --help imports none of the heavy ones.
+    imports = [line for line in result.stderr.splitlines() if line.startswith('import time:')]
+    others = [line for line in result.stderr.splitlines() if line not in imports]
+    assert not NOISE.search('\n'.join([result.stdout, *others]))
+    imported = {line.rsplit('|', 1)[-1].strip() for line in imports}
+    heavy = {'jax', 'tensorflow', 'orbax', 'clu', 'flax', 'torch'} & imported
+    if name == 'evaluate':  # bam_jax/evaluate/__init__.py imports its JAX modules
+        heavy -= {'jax', 'flax'}
+    assert not heavy
+
+
+def test_helpfull_adds_the_libraries_flags_and_exits_0():
+    result = run('train.py', '--helpfull')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '--config:' in result.stdout and '--verbosity:' in result.stdout  # absl's own
+
+
+def test_quiet_startup_silences_the_libraries_but_not_warnings():
+    script = '\n'.join([
+        'from bam_jax import command_line',
+        'command_line.quiet_startup()',
+        'import tensorflow, jax',
+        'import logging',
+        'print(jax.devices())',
+        "logging.getLogger('bam_jax').warning('a warning that matters')",
+    ])
+    # Without quiet_startup this prints TensorFlow's oneDNN and CPU-feature banners (each
+    # after absl's pre-init warning) and JAX's "Unable to initialize backend 'tpu'".
+    quiet = run('-c', script, env={'JAX_PLATFORMS': ''})  # JAX probes TPU and GPU backends
+    assert quiet.returncode == 0 and 'CpuDevice' in quiet.stdout, quiet.stderr[-2000:]
+    assert not NOISE.search(quiet.stderr.replace('a warning that matters', '')), quiet.stderr
+    assert quiet.stderr.strip().endswith('a warning that matters')
+
+
+@pytest.mark.parametrize('arguments, flag', [
+    # An unknown key after a valid override: the flag of the unknown key is named.
+    (['train.py', '--config=configs/resnet50_imagenet.py', '--config.data.num_workers=0',
+      '--config.model.embed_dim=64'], '--config.model.embed_dim'),
+    (['train.py', '--config.data.num_workers=0', '--config.model.embed_dimm=64'],
+     '--config.model.embed_dimm'),
+    (['-m', 'bam_jax.evaluate', '--config.data.num_workers=0', '--config.linear.epoch=3'],
+     '--config.linear.epoch'),
+    (['-m', 'bam_jax.evaluate', f'--run_config={TINY}', '--config.data.num_workers=0',
+      '--run_config.data.num_workers=0', '--run_config.modell.depth=1'],
+     '--run_config.modell.depth'),
+])
+def test_unknown_key_names_the_flag_that_holds_it(arguments, flag):
+    result = run(*arguments)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f'error: {flag}: no such config key'), lines[0]
