@@ -9,10 +9,11 @@ overrides win over both.
   python -m bam_jax.evaluate --workdir=runs/mnist --out=runs/mnist/eval.json
   python -m bam_jax.evaluate --workdir=runs/mnist --features=pixels \
     --config.protocols=knn,linear --config.linear.epochs=10
-  # The official ViT-B protocol: one block's CLS and average patch token, a BN head.
-  python -m bam_jax.evaluate --backbone=vitb16.pth --run_config=configs/vit_base_imagenet.py \
-    --config.protocols=linear --config.linear.n_last_blocks=1 \
-    --config.linear.avgpool=True --config.linear.bn_head=True --config.linear.lr=0.002
+
+The official ViT-B protocol (one block's CLS and average patch token, a BN head) is
+`--config.linear.n_last_blocks=1 --config.linear.avgpool=True --config.linear.bn_head=True
+--config.linear.lr=0.002`; an official checkpoint is evaluated with `--backbone=FILE
+--run_config=configs/vit_base_imagenet.py`.
 """
 
 import ml_collections

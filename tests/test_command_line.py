@@ -51,8 +51,6 @@ def test_help_prints_the_docstring_and_the_flags_and_exits_0(name, flag):
     assert not NOISE.search('\n'.join([result.stdout, *others]))
     imported = {line.rsplit('|', 1)[-1].strip() for line in imports}
     heavy = {'jax', 'tensorflow', 'orbax', 'clu', 'flax', 'torch'} & imported
-    if name == 'evaluate':  # bam_jax/evaluate/__init__.py imports its JAX modules
-        heavy -= {'jax', 'flax'}
     assert not heavy
 
 

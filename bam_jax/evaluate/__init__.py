@@ -3,10 +3,18 @@ linear probe, and `python -m bam_jax.evaluate` (`runner`, `__main__`) for every 
 
 The library modules import nothing of `bam_jax.train` (the training loop imports this
 package for its online kNN); only the command's `runner` does, to restore checkpoints.
+The names below are imported when first used, so `--help` does not import JAX.
 """
 
-from bam_jax.evaluate.features import Features, extract_features, normalize_images
-from bam_jax.evaluate.knn import KnnResult, knn_accuracy, knn_classify, topk_accuracy
+import importlib
 
-__all__ = ['Features', 'KnnResult', 'extract_features', 'knn_accuracy', 'knn_classify',
-           'normalize_images', 'topk_accuracy']
+_MODULES = {'Features': 'features', 'extract_features': 'features',
+            'normalize_images': 'features', 'KnnResult': 'knn', 'knn_accuracy': 'knn',
+            'knn_classify': 'knn', 'topk_accuracy': 'knn'}
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name):
+    if name in _MODULES:
+        return getattr(importlib.import_module(f'{__name__}.{_MODULES[name]}'), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
