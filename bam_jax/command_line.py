@@ -128,7 +128,7 @@ def define_config_file(name: str, default: str | None, help_string: str):
     except (AttributeError, KeyError) as error:
         sys.exit(f'error: {override_error(sys.argv, error, (name,), {name: default})}')
     except flags.Error as error:  # a value of the wrong type
-        sys.exit(f'error: {error}')
+        sys.exit(f'error: {one_line(error)}')
     # absl's short help lists the main module's key flags; this one is defined here.
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
     return holder
@@ -143,11 +143,42 @@ def parse_flags(argv, names=('config',)):
     if asks_for_help(argv):
         app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except (AttributeError, KeyError) as error:
         sys.exit(f'error: {override_error(argv, error, names)}')
     except flags.Error as error:
-        sys.exit(f'error: {error}')
+        sys.exit(f'error: {one_line(error)}')
+    for name in names:
+        _check_loaded(name)
+    return remaining
+
+
+def one_line(error: BaseException) -> str:
+    """A multi-line message (a traceback quoted by ml_collections) as its first line and
+    its last, which says what went wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    return f'{lines[0].rstrip(":")} ({lines[-1]})'
+
+
+def _check_loaded(name: str):
+    """ml_collections reports a config file it cannot load (missing, or failing in
+    `get_config`) only when the config is first used; this makes it one line now."""
+    if name not in flags.FLAGS or flags.FLAGS[name].value is None:
+        return
+    config = flags.FLAGS[name].value
+    if type(config).__name__ != '_ErrorConfig':
+        return
+    error = config._error  # pylint: disable=protected-access
+    while error.__cause__ is not None:
+        error = error.__cause__
+    reason = next((line.strip() for line in reversed(str(error).splitlines())
+                   if line.strip()), type(error).__name__)
+    if not isinstance(error, OSError):
+        reason = f'{type(error).__name__}: {reason}'
+    sys.exit(f'error: --{name}={flags.FLAGS[name].config_filename}: cannot load this '
+             f'config file ({reason}).')
 
 
 def run(main, names=('config',)):

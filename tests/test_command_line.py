@@ -95,3 +95,22 @@ def test_unknown_key_names_the_flag_that_holds_it(arguments, flag):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f'error: {flag}: no such config key'), lines[0]
+
+
+@pytest.mark.parametrize('arguments, line', [
+    (('train.py', '--config=configs/nope.py'),
+     "error: --config=configs/nope.py: cannot load this config file ([Errno 2] No such "
+     "file or directory: 'configs/nope.py')."),
+    (('-m', 'bam_jax.evaluate', '--backbone=b.pth', '--run_config=configs/nope.py'),
+     "error: --run_config=configs/nope.py: cannot load this config file ([Errno 2] No such "
+     "file or directory: 'configs/nope.py')."),
+    (('train.py', '--config=configs/mnist.py:argument'),
+     'error: flag --config=configs/mnist.py:argument: Error whilst parsing config file '
+     '(TypeError: get_config() takes 0 positional arguments but 1 was given)'),
+    (('train.py', '--config.epochs=many'),
+     "error: flag --config.epochs=many: invalid literal for int() with base 10: 'many'"),
+])
+def test_a_config_file_that_cannot_load_is_one_line(arguments, line):
+    result = run(*arguments)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [line]
