@@ -75,13 +75,13 @@ def test_adamw_state_keeps_the_structure_of_optax_adamw():
     assert jax.tree.structure(ours.init(params)) == jax.tree.structure(theirs.init(params))
 
 
-@pytest.mark.parametrize('name, backend, expected', [
+@pytest.mark.parametrize('name, platform, expected', [
     ('auto', 'cpu', jnp.float32), ('auto', 'tpu', jnp.bfloat16),
     ('auto', 'gpu', jnp.bfloat16), ('float32', 'tpu', jnp.float32),
     ('bfloat16', 'cpu', jnp.bfloat16)])
-def test_compute_dtype_resolves_per_backend(name, backend, expected):
+def test_compute_dtype_resolves_per_platform(name, platform, expected):
     config = ml_collections.ConfigDict({'compute_dtype': name})
-    assert multicrop.compute_dtype(config, backend) == expected
+    assert multicrop.compute_dtype(config, platform) == expected
 
 
 def test_compute_dtype_auto_is_the_default_and_float32_here():
@@ -89,6 +89,8 @@ def test_compute_dtype_auto_is_the_default_and_float32_here():
         assert config.compute_dtype == 'auto'
         assert multicrop.compute_dtype(config) == jnp.float32  # the tests run on the CPU
         assert multicrop.build_network(config).backbone.dtype == jnp.float32
+    network = multicrop.build_network(mnist.get_config(), platform='tpu')
+    assert network.backbone.dtype == network.projector.dtype == jnp.bfloat16
 
 
 def test_unknown_compute_dtype_is_one_line_naming_the_key():
