@@ -47,7 +47,7 @@ def cosine_schedule(base_value: float, final_value: float, total_steps: int,
 
 
 def cosine_complement_schedule(base_value: float, total_steps: int) -> Schedule:
-    """`1 − cosine_schedule(1 − base_value, 1, total_steps)`, formed without cancellation.
+    """1 − m for `m = cosine_schedule(base_value, 1, total_steps)`, without cancellation.
 
     The official code keeps the teacher momentum m in float64; in float32, m rounds to 1
     over the last ~200 steps of a long run and 1 − m formed after rounding is off by
