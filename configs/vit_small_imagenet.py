@@ -17,7 +17,9 @@ def get_config():
     config.seed = 1
     config.batch_size = 4096  # global, over all devices and hosts
     config.epochs = 400
-    config.compute_dtype = 'float32'
+    # Activations: 'auto' is bfloat16 on TPU/GPU, float32 on CPU; or 'float32' | 'bfloat16'.
+    # Parameters, loss, Sinkhorn and optimizer are float32 in every case.
+    config.compute_dtype = 'auto'
 
     # variant names the timm model; embed_dim, depth and num_heads size it (ViT-S: BAM's
     # 12 heads, not timm's 6).

@@ -128,7 +128,9 @@ def test_optimizer_matches_official(name, official):
         ours = optax.apply_updates(ours, updates)
     expected = official(params, grads, [float(lr(t)) for t in range(5)],
                         [float(wd(t)) for t in range(5)])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+    # float32 against float64 over 5 steps (params ~1): measured 2.4e-7 at most; optax's
+    # own float32 bias corrections were 2.1e-6 off.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=3e-7),
                  ours, expected)
     np.testing.assert_array_equal(ours['patch_embed']['proj']['kernel'],
                                   np.float32(params['patch_embed']['proj']['kernel']))
@@ -223,12 +225,13 @@ def test_fifty_steps_on_eight_devices():
         for value in metrics.values():
             assert np.isfinite(np.asarray(value)).all()
         if step in (0, 49):  # the teacher moved by exactly the EMA rule
-            m = float(training.schedules.teacher_momentum(step + 1))
+            rate = np.float32(training.schedules.one_minus_teacher_momentum(step + 1))
+            assert np.float32(metrics['one_minus_teacher_momentum']) == rate
             student = leaves_with_paths(state.params)
             for path, teacher in leaves_with_paths(state.teacher_params).items():
-                expected = (previous_teacher[path] if path in frozen else
-                            np.float32(m) * previous_teacher[path]
-                            + np.float32(1 - m) * student[path])
+                previous = previous_teacher[path]
+                expected = (previous if path in frozen else
+                            previous + rate * (student[path] - previous))
                 np.testing.assert_allclose(teacher, expected, rtol=1e-6, atol=1e-9)
     assert int(state.step) == 50
     assert training.train_step._cache_size() == 1  # compiled once
@@ -268,27 +271,45 @@ def test_metrics_report_every_schedule_value():
     training = train_lib.build_training(config, mesh, steps_per_epoch=5)
     _, metrics = training.train_step(training.state, place(random_batch(config, 0), mesh))
     assert {'loss', 'source_entropy', 'target_entropy', 'embedding_std', 'learning_rate',
-            'weight_decay', 'teacher_momentum', 'sinkhorn_reg', 'grad_norm',
-            'param_norm', 'update_norm'} <= set(metrics)
+            'weight_decay', 'teacher_momentum', 'one_minus_teacher_momentum',
+            'sinkhorn_reg', 'grad_norm', 'param_norm', 'update_norm'} <= set(metrics)
     assert float(metrics['learning_rate']) == 0.0  # first warm-up step
     assert float(metrics['weight_decay']) == pytest.approx(0.04)
     assert float(metrics['sinkhorn_reg']) == pytest.approx(0.05)
+    # The EMA ending step 0 uses m[1] = 1 − 0.005·sin²(π(T − 1)/2T), T = 50.
+    assert float(metrics['one_minus_teacher_momentum']) == pytest.approx(
+        0.005 * np.sin(np.pi * 49 / 100) ** 2, rel=1e-6)
+    assert float(metrics['teacher_momentum']) == pytest.approx(
+        1 - 0.005 * np.sin(np.pi * 49 / 100) ** 2, abs=1e-7)
 
 
-def test_bfloat16_compute_keeps_float32_params_and_loss():
+def test_bfloat16_compute_tracks_float32_and_keeps_float32_state():
+    """100 steps of a tiny ViT in bfloat16 and in float32, on the same batches."""
     config = tiny_config()
     config.model.drop_path_rate = 0.0
     mesh = data_mesh(2)
-    batch = place(random_batch(config, 0), mesh)
+    batches = [place(random_batch(config, step), mesh) for step in range(100)]
     losses = {}
     for dtype in ('float32', 'bfloat16'):
         config.compute_dtype = dtype
-        training = train_lib.build_training(config, mesh, steps_per_epoch=5)
-        state, metrics = training.train_step(training.state, batch)
+        training = train_lib.build_training(config, mesh, steps_per_epoch=10)
+        state = training.state
+        losses[dtype] = []
+        for batch in batches:
+            state, metrics = training.train_step(state, batch)
+            losses[dtype].append(float(metrics['loss']))
         assert metrics['loss'].dtype == jnp.float32
-        assert {str(leaf.dtype) for leaf in jax.tree.leaves(state.params)} == {'float32'}
-        losses[dtype] = float(metrics['loss'])
-    assert losses['bfloat16'] == pytest.approx(losses['float32'], rel=2e-2)
+        for part in (state.params, state.teacher_params, state.opt_state):
+            assert {str(leaf.dtype) for leaf in jax.tree.leaves(part)
+                    if jnp.issubdtype(leaf.dtype, jnp.floating)} == {'float32'}
+    float32, bfloat16 = (np.asarray(losses[dtype]) for dtype in ('float32', 'bfloat16'))
+    # Measured: 2.2e-3 apart at step 0 (the forward's rounding alone), at most 0.023 in
+    # the warm-up, 0.006 at the end; the last ten losses' means agree to 1.2e-3 while the
+    # float32 loss falls by 0.10 (its step-to-step spread is 0.017). bfloat16 does not drift.
+    assert bfloat16[0] != float32[0]  # bfloat16 is really in use
+    np.testing.assert_array_less(np.abs(bfloat16 - float32), 0.05)
+    assert abs(bfloat16[-10:].mean() - float32[-10:].mean()) < 0.01
+    assert float32[:10].mean() - float32[-10:].mean() > 0.05
 
 
 def test_abstract_training_compiles_ahead_of_time_for_the_real_state():

@@ -8,6 +8,10 @@ randomness comes from its host-drawn `seed`, so it is the same on any number of 
 
 Float images in [0, 1] stand in for PIL's uint8 arithmetic: the same operations without
 PIL's intermediate rounding.
+
+An augmentation whose probability is a Python 0 (the MNIST default has all of them 0)
+is left out of the traced computation altogether, so it costs nothing; the others draw
+from the same keys either way, so their random stream does not change.
 """
 
 import functools
@@ -110,29 +114,51 @@ def solarize(image: jax.Array) -> jax.Array:
     return jnp.where(image >= 128 / 255, 1.0 - image, image)
 
 
+def never(probability) -> bool:
+    """True when `probability` is known at trace time to be 0 everywhere (a number or a
+    tuple of them, not an array that may be traced): its augmentation is left out."""
+    values = probability if isinstance(probability, (tuple, list)) else (probability,)
+    return not any(isinstance(value, jax.Array) or value for value in values)
+
+
 def augment_image(image: jax.Array, rng: jax.Array, blur_prob: jax.Array,
-                  solarize_prob: jax.Array, config_crops) -> jax.Array:
-    """One uint8 crop `[H, W, 3]` → float32, augmented and normalised."""
+                  solarize_prob: jax.Array, config_crops, *,
+                  with_blur: bool = True, with_solarize: bool = True) -> jax.Array:
+    """One uint8 crop `[H, W, 3]` → float32, augmented and normalised.
+
+    `with_blur` / `with_solarize` False leave those out (their probabilities are 0 for the view);
+    jitter and grayscale are left out when their `config_crops` probability is `never`.
+    """
+    image = image.astype(jnp.float32) / 255.0
+    # One split for all, whichever ops are left out: each op keeps its own keys. (With
+    # every op left out the keys are unused, and XLA drops them.)
     jitter_rng, apply_jitter_rng, gray_rng, blur_rng, sigma_rng, solarize_rng = (
         jax.random.split(rng, 6))
-    image = image.astype(jnp.float32) / 255.0
 
-    jittered = color_jitter(image, jitter_rng, config_crops.brightness, config_crops.contrast,
-                            config_crops.saturation, config_crops.hue)
-    image = jnp.where(jax.random.uniform(apply_jitter_rng) < config_crops.jitter_prob,
-                      jittered, image)
+    if not never(config_crops.jitter_prob):
+        jittered = color_jitter(image, jitter_rng, config_crops.brightness,
+                                config_crops.contrast, config_crops.saturation,
+                                config_crops.hue)
+        image = jnp.where(jax.random.uniform(apply_jitter_rng) < config_crops.jitter_prob,
+                          jittered, image)
 
-    gray = jnp.broadcast_to(_luma(image)[..., None], image.shape)
-    image = jnp.where(jax.random.uniform(gray_rng) < config_crops.grayscale_prob, gray, image)
+    if not never(config_crops.grayscale_prob):
+        gray = jnp.broadcast_to(_luma(image)[..., None], image.shape)
+        image = jnp.where(jax.random.uniform(gray_rng) < config_crops.grayscale_prob, gray,
+                          image)
 
-    sigma_min, sigma_max = config_crops.blur_sigma
-    sigma = jax.random.uniform(sigma_rng, minval=sigma_min, maxval=sigma_max)
-    half_width = min(int(3 * sigma_max + 0.5), (min(image.shape[:2]) - 1) // 2)
-    blurred = gaussian_blur(image, sigma, half_width)
-    # The official `random() <= p`: p = 1 always blurs.
-    image = jnp.where(jax.random.uniform(blur_rng) <= blur_prob, blurred, image)
+    if with_blur:
+        sigma_min, sigma_max = config_crops.blur_sigma
+        sigma = jax.random.uniform(sigma_rng, minval=sigma_min, maxval=sigma_max)
+        half_width = min(int(3 * sigma_max + 0.5), (min(image.shape[:2]) - 1) // 2)
+        blurred = gaussian_blur(image, sigma, half_width)
+        # The official `random() <= p`: p = 1 always blurs (and p = 0, left out, never
+        # does, where a draw of exactly 0 would).
+        image = jnp.where(jax.random.uniform(blur_rng) <= blur_prob, blurred, image)
 
-    image = jnp.where(jax.random.uniform(solarize_rng) < solarize_prob, solarize(image), image)
+    if with_solarize:
+        image = jnp.where(jax.random.uniform(solarize_rng) < solarize_prob,
+                          solarize(image), image)
     return (image - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
@@ -158,10 +184,11 @@ def augment_crops(batch: dict[str, jax.Array], config_crops, rng: jax.Array) -> 
     }
     first_view = {'global': 0, 'local': n_global}
 
-    def augment_view(images, view, blur_prob, solarize_prob):
+    def augment_view(images, view, blur_prob, solarize_prob, **apply):
         view_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(example_rngs, view)
-        return jax.vmap(augment_image, in_axes=(0, 0, None, None, None))(
-            images, view_rngs, blur_prob, solarize_prob, config_crops)
+        return jax.vmap(functools.partial(augment_image, config_crops=config_crops, **apply),
+                        in_axes=(0, 0, None, None))(images, view_rngs, blur_prob,
+                                                     solarize_prob)
 
     out = dict(batch)
     for name in ('global', 'local'):
@@ -173,5 +200,8 @@ def augment_crops(batch: dict[str, jax.Array], config_crops, rng: jax.Array) -> 
             raise ValueError(f'{name} crops: {n_views} views but blur / solarize '
                              f'probabilities {blur_probs.shape} / {solarize_probs.shape}.')
         views = first_view[name] + jnp.arange(n_views)
-        out[name] = jax.vmap(augment_view)(batch[name], views, blur_probs, solarize_probs)
+        apply = dict(with_blur=not never(probabilities[name][0]),
+                     with_solarize=not never(probabilities[name][1]))
+        out[name] = jax.vmap(functools.partial(augment_view, **apply))(
+            batch[name], views, blur_probs, solarize_probs)
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bam_jax.models.caformer import CAFormer
@@ -23,6 +24,9 @@ from bam_jax.models.vit import vit
 
 # `config.model.name` → the backbone class; 'vit' goes through `vit(variant)`.
 BACKBONES = {'resnet50': ResNet, 'caformer_m36': CAFormer}
+COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
+# Backends whose matrix units run bfloat16 at full rate ('gpu' covers CUDA and ROCm).
+BFLOAT16_PLATFORMS = ('tpu', 'gpu', 'cuda', 'rocm')
 
 
 class MultiCropNetwork(nn.Module):
@@ -42,16 +46,35 @@ class MultiCropNetwork(nn.Module):
         return jnp.swapaxes(embeddings, 0, 1)
 
 
-def build_network(config) -> MultiCropNetwork:
+def compute_dtype(config, platform: str | None = None) -> jnp.dtype:
+    """The activations' dtype of `config.compute_dtype`, the one place it is read.
+
+    'auto' is bfloat16 on TPU and GPU, whose matrix units run it at full rate, and
+    float32 on the CPU. Parameters, the loss, the Sinkhorn and the optimizer stay float32 in
+    every case. `platform` ('cpu', 'gpu', 'tpu', as `Device.platform`) is where the
+    network runs; by default JAX's default backend (pass the mesh's when compiling for
+    other devices, e.g. a TPU topology from a CPU host).
+    """
+    name = config.compute_dtype
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f'config.compute_dtype={name!r}: expected one of '
+                         f'{list(COMPUTE_DTYPES)}.')
+    if name == 'auto':
+        platform = jax.default_backend() if platform is None else platform
+        name = 'bfloat16' if platform in BFLOAT16_PLATFORMS else 'float32'
+    return jnp.dtype(name)
+
+
+def build_network(config, platform: str | None = None) -> MultiCropNetwork:
     """The student (and teacher) network of a run: `config.model` + `config.projector`.
 
     `config.model.name` picks the backbone family ('vit', 'resnet50',
     'caformer_m36'); the other `config.model` keys are the family's arguments, e.g.
-    `variant`, `patch_size`.
+    `variant`, `patch_size`. Activations are in `compute_dtype(config, platform)`.
     """
     model = dict(config.model)
     name = model.pop('name')
-    dtype = jnp.dtype(config.compute_dtype)
+    dtype = compute_dtype(config, platform)
     if name == 'vit':
         backbone = vit(model.pop('variant'), dtype=dtype, **model)
     elif name in BACKBONES:

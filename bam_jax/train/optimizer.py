@@ -5,11 +5,16 @@
 * Weight decay, and for LARS the trust ratio, apply only to parameters with more than
   one dimension (`utils.get_params_groups`, `utils.LARS`); biases and norm scales are
   exempt; the CLS token `[1, 1, D]` is decayed.
+* Adam's bias corrections 1 − βᵗ are formed without cancellation (torch forms them in
+  float64; optax's float32 `1 - β**t` makes early updates up to 1.4e-5 too small).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from bam_jax.train.schedules import Schedule
@@ -20,6 +25,29 @@ OPTIMIZERS = ('adamw', 'lars')
 def decay_mask(params):
     """True for parameters that get weight decay (and LARS adaptation): ndim > 1."""
     return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def bias_correction(decay: float, count: jax.Array) -> jax.Array:
+    """1 − decayᶜᵒᵘⁿᵗ as −expm1(count · log decay): within a few float32 ulps at every count."""
+    return -jnp.expm1(count.astype(jnp.float32) * math.log(decay))
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999,
+                  eps: float = 1e-8) -> optax.GradientTransformation:
+    """`optax.scale_by_adam` (same state, so checkpoints carry over) with exact 1 − βᵗ."""
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+    def update(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+        mu_correction, nu_correction = bias_correction(b1, count), bias_correction(b2, count)
+        updates = jax.tree.map(
+            lambda m, v: (m / mu_correction) / (jnp.sqrt(v / nu_correction) + eps), mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(adam.init, update)
 
 
 def make_optimizer(name: str, learning_rate: Schedule, weight_decay: Schedule, *,
@@ -35,9 +63,13 @@ def make_optimizer(name: str, learning_rate: Schedule, weight_decay: Schedule, *
       clip_grad: global-norm clipping over all parameters jointly; 0 disables it.
     """
     if name == 'adamw':
-        # Decoupled decay, p ← p − lr·(adam + wd·p), as torch's AdamW.
-        inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                            weight_decay=weight_decay, mask=decay_mask)
+        # Decoupled decay, p ← p − lr·(adam + wd·p), as torch's AdamW; the chain of
+        # `optax.adamw`, so its state (and old checkpoints) keep their structure.
+        inner = optax.chain(
+            scale_by_adam(b1, b2, eps),
+            optax.add_decayed_weights(weight_decay, mask=decay_mask),
+            optax.scale_by_learning_rate(learning_rate),
+        )
     elif name == 'lars':
         # Unlike optax.lars, the learning rate multiplies the momentum buffer, as in
         # `utils.LARS` (μ ← 0.9μ + g; p ← p − lr·μ); the two differ under a schedule.

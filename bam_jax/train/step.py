@@ -37,12 +37,17 @@ def batch_crops(batch: dict[str, jax.Array]) -> list[jax.Array]:
     return [batch[group] for group in CROP_GROUPS if batch.get(group) is not None]
 
 
-def ema(teacher, student, momentum):
-    """θ_t ← m·θ_t + (1 − m)·θ_s; frozen leaves are left bit-identical."""
+def ema(teacher, student, one_minus_momentum):
+    """θ_t ← m·θ_t + (1 − m)·θ_s as θ_t + (1 − m)(θ_s − θ_t); frozen leaves are left
+    bit-identical.
+
+    Written with 1 − m, never m: m rounds to 1 in float32 near the end of a run (the
+    official code keeps it in float64), while 1 − m stays exact and positive.
+    """
     def update(path, teacher_leaf, student_leaf):
         if is_frozen(path):
             return teacher_leaf
-        return momentum * teacher_leaf + (1 - momentum) * student_leaf
+        return teacher_leaf + one_minus_momentum * (student_leaf - teacher_leaf)
     return jax.tree_util.tree_map_with_path(update, teacher, student)
 
 
@@ -97,12 +102,14 @@ def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_step = state.step + 1
-        # The EMA ending step t uses m[t+1] (see the module docstring); log that one.
-        hyper['teacher_momentum'] = schedules.teacher_momentum(new_step)
+        # The EMA ending step t uses m[t+1] (see the module docstring); log that one,
+        # both m and the 1 − m that the EMA uses (m alone reads 1.0 near the end).
+        hyper['one_minus_teacher_momentum'] = schedules.one_minus_teacher_momentum(new_step)
+        hyper['teacher_momentum'] = 1 - hyper['one_minus_teacher_momentum']
         teacher_params = None
         if has_teacher:
             teacher_params = ema(state.teacher_params, params,
-                                 hyper['teacher_momentum'])
+                                 hyper['one_minus_teacher_momentum'])
         new_state = state.replace(
             step=new_step, params=params, batch_stats=batch_stats,
             teacher_params=teacher_params, teacher_batch_stats=teacher_batch_stats,
