@@ -95,7 +95,7 @@ def build_training(config, mesh: jax.sharding.Mesh, steps_per_epoch: int,
 
     With `abstract`, the state is shapes and shardings only (see `create_train_state`).
     """
-    network = build_network(config)
+    network = build_network(config, platform=mesh.devices.flat[0].platform)
     schedules = make_schedules(config, steps_per_epoch)
     optimizer = config.optimizer
     tx = make_optimizer(

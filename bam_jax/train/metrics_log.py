@@ -9,20 +9,21 @@ where they would be one line of a few thousand characters.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from typing import Any, Mapping
 
 from clu import metric_writers
+from etils import epath
 from clu.metric_writers import interface, logging_writer
 
 
 class JsonLinesWriter(interface.MetricWriter):
     """Appends `{"step": s, name: value, ...}` lines; ignores non-scalar summaries."""
 
-    def __init__(self, path: str | pathlib.Path):
-        path = pathlib.Path(path)
+    def __init__(self, path: str | os.PathLike):
+        path = epath.Path(path)  # gs:// too
         cut_short = path.exists() and not path.read_bytes().endswith(b'\n')
-        self._file = open(path, 'a', encoding='utf-8')
+        self._file = path.open('a')
         if cut_short and path.stat().st_size:  # a kill mid-line: start on a fresh line
             self._file.write('\n')
 
@@ -66,25 +67,25 @@ class ConsoleWriter(logging_writer.LoggingWriter):
         pass
 
 
-def create_writer(workdir: str | pathlib.Path, *, main_process: bool):
+def create_writer(workdir: str | os.PathLike, *, main_process: bool):
     """TensorBoard + console + JSON lines on the main process; console elsewhere.
 
     As `metric_writers.create_default_writer` (asynchronous), with `ConsoleWriter`.
     """
     if not main_process:
         return metric_writers.AsyncMultiWriter([ConsoleWriter()])
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     return metric_writers.MultiWriter([
         metric_writers.AsyncMultiWriter([ConsoleWriter(),
                                          metric_writers.SummaryWriter(str(workdir))]),
         JsonLinesWriter(workdir / 'metrics.jsonl')])
 
 
-def read_metrics(workdir: str | pathlib.Path) -> dict[int, dict[str, float]]:
+def read_metrics(workdir: str | os.PathLike) -> dict[int, dict[str, float]]:
     """`metrics.jsonl` as {step: scalars}; a step logged twice (after a resume) keeps
     its last values, and a line cut short by a kill is ignored."""
     metrics: dict[int, dict[str, float]] = {}
-    path = pathlib.Path(workdir) / 'metrics.jsonl'
+    path = epath.Path(workdir) / 'metrics.jsonl'
     for line in path.read_text().splitlines():
         try:
             scalars = json.loads(line)
