@@ -95,8 +95,9 @@ class _SkipBadAndBatchIterator(grain.DatasetIterator):
             if self.bad_count > budget:
                 raise sources.DataError(
                     f'{self.bad_count} of {self.seen_count} images read were unreadable, more '
-                    f'than max_bad_fraction={self._dataset.max_bad_fraction}; last: '
-                    f'{example["bad_path"]}.')
+                    f'than config.data.max_bad_fraction={self._dataset.max_bad_fraction} '
+                    f'allows; last: {example["bad_path"]}. Remove or replace the file(s), or '
+                    'raise config.data.max_bad_fraction.')
 
     def __next__(self) -> dict[str, np.ndarray]:
         examples = [self._next_good() for _ in range(self._dataset.batch_size)]
