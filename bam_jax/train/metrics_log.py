@@ -22,9 +22,9 @@ class JsonLinesWriter(interface.MetricWriter):
 
     def __init__(self, path: str | os.PathLike):
         path = epath.Path(path)  # gs:// too
-        cut_short = path.exists() and not path.read_bytes().endswith(b'\n')
+        written = path.read_bytes() if path.exists() else b''
         self._file = path.open('a')
-        if cut_short and path.stat().st_size:  # a kill mid-line: start on a fresh line
+        if written and not written.endswith(b'\n'):  # a kill mid-line: a fresh line
             self._file.write('\n')
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
