@@ -211,12 +211,18 @@ class Evaluation:
             if size % jax.device_count():
                 raise EvaluationError(f'config.{name}={size} is not divisible by the '
                                       f'{jax.device_count()} devices')
-        self.train_source = sources.make_source(run_config.data, data.train_split)
-        self.test_source = sources.make_source(run_config.data, data.test_split)
+        fix = ('name labelled splits with --config.data.train_split and '
+               '--config.data.test_split, or evaluate the exported backbone on labelled data '
+               '(--backbone=FILE --run_config=CONFIG --run_config.data.data_dir=DIR)')
+        try:
+            self.train_source = sources.make_source(run_config.data, data.train_split)
+            self.test_source = sources.make_source(run_config.data, data.test_split)
+        except sources.DataError as error:
+            raise EvaluationError(f'{error} The evaluation needs labels: {fix}.') from None
         self.train_labels = eval_input.source_labels(self.train_source)
         if (self.train_labels < 0).all():
             raise EvaluationError(f'the {data.train_split} split of {run_config.data.source} '
-                                  'has no labels')
+                                  f'has no labels; {fix}')
         self.num_classes = int(self.train_labels.max()) + 1
         if subject.variables is not None:
             self.variables = jax.device_put(subject.variables,
