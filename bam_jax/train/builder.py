@@ -91,7 +91,8 @@ class Training:
 
 def build_training(config, mesh: jax.sharding.Mesh, steps_per_epoch: int,
                    rng: jax.Array | None = None, *, abstract: bool = False) -> Training:
-    """Everything a run needs; the state is placed replicated on `mesh`.
+    """Everything a run needs; the state is placed on `mesh`, replicated or (with
+    `config.shard_state`) sharded.
 
     With `abstract`, the state is shapes and shardings only (see `create_train_state`).
     """
@@ -105,8 +106,10 @@ def build_training(config, mesh: jax.sharding.Mesh, steps_per_epoch: int,
         lars_eta=optimizer.lars_eta)
     rng = jax.random.PRNGKey(config.seed) if rng is None else rng
     state = create_train_state(network, tx, rng, crop_shapes(config, 2),
-                               teacher=config.teacher, mesh=mesh, abstract=abstract)
+                               teacher=config.teacher, mesh=mesh,
+                               shard=config.get('shard_state', False), abstract=abstract)
     train_step = make_train_step(
         network, tx, schedules, loss_kwargs_from_config(config), mesh=mesh,
-        augment=lambda batch, rng: augment_crops(batch, config.crops, rng))
+        augment=lambda batch, rng: augment_crops(batch, config.crops, rng),
+        state_sharding=jax.tree.map(lambda leaf: leaf.sharding, state))
     return Training(network, tx, schedules, state, train_step)
