@@ -62,8 +62,9 @@ def state_sharding(state: TrainState, mesh: jax.sharding.Mesh, *, shard: bool,
     shardings = jax.tree.map(lambda _: replicated, state)
     if not shard:
         return shardings
-    split = lambda tree: jax.tree.map(  # noqa: E731
-        lambda leaf: fsdp_sharding(leaf.shape, mesh, axis_name), tree)
+
+    def split(tree):
+        return jax.tree.map(lambda leaf: fsdp_sharding(leaf.shape, mesh, axis_name), tree)
     return shardings.replace(params=split(state.params),
                              teacher_params=split(state.teacher_params),
                              opt_state=split(state.opt_state))
