@@ -4,6 +4,7 @@ the replicated one, and checkpoints move between the layouts and device counts."
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from bam_jax import export
 from bam_jax import train as train_lib
@@ -19,8 +20,8 @@ STEPS = 6
 SAVED = 2  # the step the checkpoint tests save and restore
 
 
-def config_for(shard: bool, config=None):
-    config = tiny_config() if config is None else config
+def config_for(shard: bool):
+    config = tiny_config()
     config.shard_state = shard
     return config
 
@@ -65,32 +66,33 @@ def test_fsdp_sharding_splits_the_largest_divisible_dimension():
         (384, 1536), (1, 197, 384), (4096, 4096), (3, 1000), (16, 16, 3, 384),
         (384,), (1, 1, 384), (7, 1001), (1536,)]}
     assert specs == {
-        (384, 1536): jax.sharding.PartitionSpec(None, 'data'),
-        (1, 197, 384): jax.sharding.PartitionSpec(None, None, 'data'),
-        (4096, 4096): jax.sharding.PartitionSpec('data', None),  # the first of equals
-        (3, 1000): jax.sharding.PartitionSpec(None, 'data'),
-        (16, 16, 3, 384): jax.sharding.PartitionSpec(None, None, None, 'data'),
-        (384,): jax.sharding.PartitionSpec(),  # small: replicated
-        (1, 1, 384): jax.sharding.PartitionSpec(),
-        (7, 1001): jax.sharding.PartitionSpec(),  # nothing divides
-        (1536,): jax.sharding.PartitionSpec('data'),
+        (384, 1536): P(None, 'data'),
+        (1, 197, 384): P(None, None, 'data'),
+        (4096, 4096): P('data', None),  # the first of equals
+        (3, 1000): P(None, 'data'),
+        (16, 16, 3, 384): P(None, None, None, 'data'),
+        (384,): P(),  # small: replicated
+        (1, 1, 384): P(),
+        (7, 1001): P(),  # nothing divides
+        (1536,): P('data'),
     }
-    assert fsdp_sharding((384, 1536), data_mesh(1)).spec == jax.sharding.PartitionSpec()
+    assert fsdp_sharding((384, 1536), data_mesh(1)).spec == P()
 
 
 def test_sharded_steps_equal_replicated_steps(runs):
     replicated, sharded = runs[False][0], runs[True][0]
     np.testing.assert_allclose(sharded, replicated, rtol=1e-6)
     assert len(set(replicated)) == STEPS  # every step changed the loss
-    mesh_devices = 8
+    print(f'max relative loss difference, sharded vs replicated on 8 devices: '
+          f'{np.max(np.abs(sharded / replicated - 1)):.2e}')
     for shard, (_, _, _, state, train_step) in runs.items():
         assert train_step._cache_size() == 1  # the layout kept: compiled once
         big = fc1(state.params)
         assert big.shape == (32, 128)
         if shard:
-            assert big.sharding.spec == jax.sharding.PartitionSpec(None, 'data')
+            assert big.sharding.spec == P(None, 'data')
             assert {s.data.shape for s in big.addressable_shards} == {(32, 128 // 8)}
-            assert len(big.addressable_shards) == mesh_devices
+            assert len(big.addressable_shards) == 8
             # The teacher and both AdamW moments are split alike.
             teacher = fc1(state.teacher_params)
             assert teacher.sharding.spec == big.sharding.spec
@@ -99,11 +101,10 @@ def test_sharded_steps_equal_replicated_steps(runs):
             assert all(x.sharding.spec == big.sharding.spec for x in moments)
         else:
             assert {s.data.shape for s in big.addressable_shards} == {(32, 128)}
-        # Small leaves, BN statistics, step and rng are replicated in both layouts.
+        # Small leaves, step and rng are replicated in both layouts.
         norm = state.params['backbone']['norm']['scale']
-        assert norm.sharding.spec == jax.sharding.PartitionSpec()
-        assert state.step.sharding.spec == state.rng.sharding.spec == (
-            jax.sharding.PartitionSpec())
+        assert norm.sharding.spec == P()
+        assert state.step.sharding.spec == state.rng.sharding.spec == P()
     # Tiny model: 558,616 bytes per device replicated, 89,112 sharded (measured).
     assert runs[True][2] < runs[False][2] / 6
 
@@ -201,7 +202,7 @@ def test_two_processes_sharded_equal_one_process_replicated(small_mnist_run, tmp
     sharded_state, _ = checkpoint_lib.Checkpointer(
         workdir / 'checkpoints', json_items=('data', 'config')).restore(
         checkpoint_lib.abstract_like(training.state), step=step)
-    assert fc1(sharded_state.params).sharding.spec == jax.sharding.PartitionSpec(None, 'data')
+    assert fc1(sharded_state.params).sharding.spec == P(None, 'data')
     exported = leaves_with_paths(state)
     for path, value in leaves_with_paths(sharded_state).items():
         np.testing.assert_array_equal(exported[path], value, err_msg=path)
