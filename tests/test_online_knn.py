@@ -44,9 +44,11 @@ def decide(caplog, *overrides):
 def test_on_for_tfds_imagenet_and_above_chance(tfds_imagenet_dir, caplog):
     knn, line, config = decide(caplog, f'--config.data.data_dir={tfds_imagenet_dir}',
                                '--config.knn.train_fraction=0.25')
-    assert line == ("Online kNN every 16 epochs: 25 % of imagenet2012 'train' (class-balanced, "
-                    "32 images, 4 classes) against 'validation' (48 images).")
+    # TFDS labels are read in a daemon thread: the run starts without waiting for them.
+    assert line == ("Online kNN every 16 epochs: 25 % of imagenet2012 'train' (class-balanced; "
+                    "its labels are read in the background) against 'validation' (48 images).")
     results = knn(builder.build_training(config, data_mesh(2), steps_per_epoch=8).state)
+    assert knn.num_train == 32 and knn.num_classes == 4  # the bank, chosen at the first call
     # A random-init backbone on 4 colour-and-stripe classes (chance 25 %): measured 100;
     # labels out of step with the bank's images would give about 25.
     assert results['knn/student_top1'] >= 90

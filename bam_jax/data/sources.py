@@ -9,13 +9,13 @@ has label -1. A split's labels alone (the online kNN's bank) come without the im
 folder's or MNIST's `labels` array, a TFDS split's `read_labels()`.
 """
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -210,8 +210,7 @@ class TfdsSource:
                 raise DataError(f'Cannot read the labels of {self.name} {self.split!r} from '
                                 f'{filename}: {str(error).splitlines()[0]}') from None
 
-        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-            list(pool.map(read, zip(instructions, offsets)))
+        in_daemon_threads(read, list(zip(instructions, offsets)), threads)
         return labels
 
     def label_file(self) -> str | None:
@@ -238,6 +237,33 @@ class TfdsSource:
         readable = '-'.join(''.join(c if c.isalnum() or c in '._' else '_' for c in part)
                             for part in (*info.full_name.split('/'), self.split))
         return os.path.join(directory, f'{readable}-{len(self)}-{digest}.npy')
+
+
+def in_daemon_threads(function, tasks: list, threads: int) -> None:
+    """`function(task)` for every task in up to `threads` daemon threads; re-raises the
+    first error. Daemon threads, unlike a ThreadPoolExecutor's, never hold up the exit of
+    a preempted run that is reading in the background."""
+    pending, errors = list(reversed(tasks)), []
+
+    def work():
+        while not errors:
+            try:
+                task = pending.pop()
+            except IndexError:
+                return
+            try:
+                function(task)
+            except BaseException as error:  # pylint: disable=broad-except
+                errors.append(error)
+
+    workers = [threading.Thread(target=work, daemon=True)
+               for _ in range(max(1, min(threads, len(tasks))))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
 
 
 def label_cache_dir() -> str | None:

@@ -61,8 +61,9 @@ def clamp_warmup(config):
     """A warm-up longer than the run becomes the whole run (so `--config.epochs=1` works
     on every config's schedule), said in one line."""
     if config.optimizer.warmup_epochs > config.epochs:
-        logging.info('config.optimizer.warmup_epochs=%s is longer than the run: warming up '
-                     'over all %d epochs.', config.optimizer.warmup_epochs, config.epochs)
+        logging.info('config.optimizer.warmup_epochs=%s is longer than the run '
+                     '(config.epochs=%d): the warm-up is the whole run.',
+                     config.optimizer.warmup_epochs, config.epochs)
         config.optimizer.warmup_epochs = config.epochs
 
 

@@ -101,7 +101,6 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
     mesh = data_mesh()
     validate_config(config, jax.device_count())
     clamp_warmup(config)
-    resume.prepare_workdir(workdir, fresh=fresh)
     train_source = sources.make_source(config.data)
     if len(train_source) < config.batch_size:
         raise sources.DataError(f'{config.data.source} split {config.data.split!r} has '
@@ -111,6 +110,7 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
     total_steps = config.epochs * steps_per_epoch
     logging.info('%d images, %d steps per epoch, %d steps.', len(train_source),
                  steps_per_epoch, total_steps)
+    resume.prepare_workdir(workdir, fresh=fresh)
 
     # ------------------------------------------------------------------------------
     # The workdir's checkpoints: is this the same run, and has it finished?
@@ -120,24 +120,23 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
         workdir / 'checkpoints', max_to_keep=config.max_checkpoints,
         save_interval_steps=config.checkpoint_every_steps, json_items=('data', 'config'),
         array_items=('boxes',) if use_ccrop else ())
-    config_json = json.loads(config.to_json_best_effort())
+    if from_step is not None and from_step not in checkpointer.all_steps():
+        raise CheckpointError(f'--from_step={from_step}: no such checkpoint in '
+                              f'{checkpointer.directory}; available steps: '
+                              f'{checkpointer.all_steps()}.')
+    latest = checkpointer.latest_step() if from_step is None else from_step
+    if latest is not None:
+        saved_config = checkpointer.read_json(latest, 'config')
+        if saved_config is not None:
+            resume.check_same_run(saved_config, json.loads(config.to_json_best_effort()),
+                                  workdir, latest, force=force_config)
     if from_step is not None:
         later = [step for step in checkpointer.all_steps() if step > from_step]
-        if from_step not in checkpointer.all_steps():
-            raise CheckpointError(f'--from_step={from_step}: no such checkpoint in '
-                                  f'{checkpointer.directory}; available steps: '
-                                  f'{checkpointer.all_steps()}.')
         if main_process:
             resume.move_aside(workdir, [checkpointer.directory / str(step) for step in later],
                               f'resuming from step {from_step}')
         multihost_utils.sync_global_devices('later checkpoints moved aside')
         checkpointer.reload()
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        saved_config = checkpointer.read_json(latest, 'config')
-        if saved_config is not None:
-            resume.check_same_run(saved_config, config_json, workdir, latest,
-                                  force=force_config)
 
     # ------------------------------------------------------------------------------
     # Model, optimizer and state; resume from the newest intact checkpoint.

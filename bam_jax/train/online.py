@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 
 import jax
 import numpy as np
@@ -67,8 +68,12 @@ def make_online_knn(config, backbone, train_source, mesh: jax.sharding.Mesh
             train_source = sources.make_source(data, split)
         except sources.DataError as error:
             raise sources.DataError(f'config.knn.train_split={split!r}: {error}') from None
-    labels = eval_input.source_labels(train_source)
-    if (labels < 0).all():
+    if hasattr(train_source, 'read_labels'):  # TFDS: read while training starts
+        labels = _Background(train_source.read_labels) if _is_labelled(train_source) else None
+    else:
+        labels = eval_input.source_labels(train_source)
+        labels = labels if (labels >= 0).any() else None
+    if labels is None:
         if explicit:
             raise sources.DataError(
                 f'config.knn.train_split={split!r}: {_describe(data, split)} has no labels; '
@@ -86,6 +91,12 @@ def make_online_knn(config, backbone, train_source, mesh: jax.sharding.Mesh
             'no labels; name a labelled split, or set config.knn.every_epochs=0.')
     online_knn = OnlineKnn(config, backbone, train_source, mesh, labels=labels,
                            val_source=val_source)
+    if isinstance(labels, _Background):
+        bank = (f'{100 * min(knn.train_fraction, 1):g} % of {_describe(data, split)} '
+                '(class-balanced; its labels are read in the background)')
+        logging.info('Online kNN every %d epochs: %s against %r (%s images).',
+                     knn.every_epochs, bank, knn.val_split, f'{len(val_source):,}')
+        return online_knn
     classes = len(np.unique(labels[labels >= 0]))
     if knn.train_fraction >= 1:
         bank = f'all of {_describe(data, split)} ({len(labels):,} images, {classes} classes)'
@@ -97,35 +108,77 @@ def make_online_knn(config, backbone, train_source, mesh: jax.sharding.Mesh
     return online_knn
 
 
+class _Background:
+    """A value computed in a daemon thread: the run starts without waiting for it, and a
+    preempted run exits without waiting for it either."""
+
+    def __init__(self, function):
+        self._done = threading.Event()
+        self._value = self._error = None
+        threading.Thread(target=self._run, args=(function,), daemon=True).start()
+
+    def _run(self, function):
+        try:
+            self._value = function()
+        except BaseException as error:  # pylint: disable=broad-except
+            self._error = error
+        finally:
+            self._done.set()
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class OnlineKnn:
     """The official online kNN (§6.1): a class-balanced fraction of train against the
     whole validation split, k nearest by cosine, votes weighted by exp(s/T).
 
-    `labels` (of `train_source`) and `val_source` are read here when not given.
+    `labels` (of `train_source`) and `val_source` are read here when not given;
+    `labels` may still be being read (`_Background`): the bank is then chosen at the
+    first evaluation.
     """
 
     def __init__(self, config, backbone, train_source, mesh: jax.sharding.Mesh, *,
-                 labels: np.ndarray | None = None, val_source=None):
+                 labels=None, val_source=None):
         knn = config.knn
+        self._config = config
         self._mesh = mesh
         self._knn = knn
-        labels = eval_input.source_labels(train_source) if labels is None else labels
+        self._train_source = train_source
+        self._labels = eval_input.source_labels(train_source) if labels is None else labels
+        self._train_input = None
+        if not isinstance(self._labels, _Background):
+            self._choose_bank()  # a split without labels fails here, not epochs later
+        if val_source is None:
+            val_source = sources.make_source(config.data, knn.val_split)
+        self._val_input = _eval_input(config, val_source, image_size=knn.image_size,
+                                      resize_size=knn.resize_size)
+        self._features = jax.jit(lambda variables, images: backbone.apply(
+            gathered(variables, mesh), images, train=False))
+
+    def _choose_bank(self):
+        labels = self._labels
+        if isinstance(labels, _Background):
+            labels = self._labels = np.asarray(labels.result(), np.int32)
         if (labels < 0).all():
-            raise sources.DataError(f'The {config.data.source} train split has no labels; '
-                                    'set config.knn.every_epochs=0 to train without kNN.')
+            raise sources.DataError(f'The {self._config.data.source} train split has no '
+                                    'labels; set config.knn.every_epochs=0 to train '
+                                    'without kNN.')
+        knn = self._knn
         self.num_classes = int(labels.max()) + 1
         indices = (None if knn.train_fraction >= 1 else
                    eval_input.balanced_subset(labels, knn.train_fraction, seed=0))
         self.num_train = len(labels) if indices is None else len(indices)
-        if val_source is None:
-            val_source = sources.make_source(config.data, knn.val_split)
-        size = dict(image_size=knn.image_size, resize_size=knn.resize_size)
-        self._train_input = _eval_input(config, train_source, indices=indices, **size)
-        self._val_input = _eval_input(config, val_source, **size)
-        self._features = jax.jit(lambda variables, images: backbone.apply(
-            gathered(variables, mesh), images, train=False))
+        self._train_input = _eval_input(self._config, self._train_source, indices=indices,
+                                        image_size=knn.image_size,
+                                        resize_size=knn.resize_size)
 
     def __call__(self, state) -> dict[str, float]:
+        if self._train_input is None:
+            self._choose_bank()
         results = {}
         for weights in ('student', 'teacher'):
             if weights == 'teacher' and state.teacher_params is None:
