@@ -60,17 +60,17 @@ def runs():
     return results
 
 
-def test_fsdp_sharding_splits_the_largest_divisible_dimension():
+def test_fsdp_sharding_splits_the_first_divisible_dimension():
     mesh = data_mesh(8)
     specs = {shape: fsdp_sharding(shape, mesh).spec for shape in [
         (384, 1536), (1, 197, 384), (4096, 4096), (3, 1000), (16, 16, 3, 384),
         (384,), (1, 1, 384), (7, 1001), (1536,)]}
     assert specs == {
-        (384, 1536): P(None, 'data'),
+        (384, 1536): P('data', None),
         (1, 197, 384): P(None, None, 'data'),
-        (4096, 4096): P('data', None),  # the first of equals
+        (4096, 4096): P('data', None),
         (3, 1000): P(None, 'data'),
-        (16, 16, 3, 384): P(None, None, None, 'data'),
+        (16, 16, 3, 384): P('data', None, None, None),
         (384,): P(),  # small: replicated
         (1, 1, 384): P(),
         (7, 1001): P(),  # nothing divides
@@ -90,8 +90,8 @@ def test_sharded_steps_equal_replicated_steps(runs):
         big = fc1(state.params)
         assert big.shape == (32, 128)
         if shard:
-            assert big.sharding.spec == P(None, 'data')
-            assert {s.data.shape for s in big.addressable_shards} == {(32, 128 // 8)}
+            assert big.sharding.spec == P('data', None)
+            assert {s.data.shape for s in big.addressable_shards} == {(32 // 8, 128)}
             assert len(big.addressable_shards) == 8
             # The teacher and both AdamW moments are split alike.
             teacher = fc1(state.teacher_params)
@@ -128,7 +128,7 @@ def test_checkpoint_restores_across_layouts_and_device_counts(tmp_path, runs, sa
     big = fc1(restored.params)
     assert big.sharding.mesh.size == n_devices
     assert {s.data.shape for s in big.addressable_shards} == (
-        {(32, 128 // n_devices)} if layout else {(32, 128)})
+        {(32 // n_devices, 128)} if layout else {(32, 128)})
     restored_leaves = leaves_with_paths(restored)
     for path, value in leaves_with_paths(saved).items():
         np.testing.assert_array_equal(restored_leaves[path], value, err_msg=path)
@@ -202,7 +202,7 @@ def test_two_processes_sharded_equal_one_process_replicated(small_mnist_run, tmp
     sharded_state, _ = checkpoint_lib.Checkpointer(
         workdir / 'checkpoints', json_items=('data', 'config')).restore(
         checkpoint_lib.abstract_like(training.state), step=step)
-    assert fc1(sharded_state.params).sharding.spec == P(None, 'data')
+    assert fc1(sharded_state.params).sharding.spec == P('data', None)
     exported = leaves_with_paths(state)
     for path, value in leaves_with_paths(sharded_state).items():
         np.testing.assert_array_equal(exported[path], value, err_msg=path)
