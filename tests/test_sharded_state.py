@@ -180,6 +180,7 @@ def test_loop_resumes_a_sharded_run_replicated_with_the_same_boxes_and_knn(tmp_p
     assert results[0][1] == results[1][1] and 'knn/teacher_top1' in results[0][1]
 
 
+@pytest.mark.xdist_group('small_mnist_run')  # on the worker that holds the reference run
 def test_two_processes_sharded_equal_one_process_replicated(small_mnist_run, tmp_path):
     workdir = tmp_path / 'run'
     address = f'--coordinator_address=127.0.0.1:{free_port()}'
