@@ -25,7 +25,12 @@ STATE = 'state'
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or of another run; the message says which."""
+    """A checkpoint is missing, unreadable or of another run; the message says which.
+    `corrupt`: its files are damaged (as opposed to missing, or of another model)."""
+
+    def __init__(self, message: str, *, corrupt: bool = False):
+        super().__init__(message)
+        self.corrupt = corrupt
 
 
 class Checkpointer:
@@ -95,9 +100,16 @@ class Checkpointer:
                 **{name: ocp.args.StandardRestore() for name in self.array_items}}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except ValueError as error:  # orbax: the saved tree is not this state's
+            if 'do not match' not in str(error):
+                raise CheckpointError(f'checkpoint {self.directory / str(step)} is corrupt '
+                                      f'or unreadable: {root_cause(error)}',
+                                      corrupt=True) from error
+            raise CheckpointError(f'checkpoint {self.directory / str(step)} holds another '
+                                  f'model or optimizer: {root_cause(error)}') from error
         except Exception as error:  # tensorstore reports unreadable data as a bare Exception
             raise CheckpointError(f'checkpoint {self.directory / str(step)} is corrupt or '
-                                  f'unreadable: {root_cause(error)}') from error
+                                  f'unreadable: {root_cause(error)}', corrupt=True) from error
         items = {name: restored[name] for name in self.json_items}
         items.update({name: np.asarray(restored[name][name]) for name in self.array_items})
         return restored[STATE], items
@@ -116,6 +128,8 @@ class Checkpointer:
             try:
                 state, items = self.restore(abstract_state, step)
             except CheckpointError as error:
+                if not error.corrupt:
+                    raise
                 unreadable.append((step, error))
                 continue
             for bad_step, error in unreadable:
