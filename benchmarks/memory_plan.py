@@ -1,6 +1,7 @@
 r"""Pod-scale memory plan: the ViT-S/16 and ViT-B/16 train steps compiled for 64 devices, not run.
 
-  python benchmarks/memory_plan.py [--variants vit_small vit_base] [--devices 64]
+  python benchmarks/memory_plan.py [--variants vit_small vit_base] [--devices 64] \
+    [--shard_state]
 
 The paper's runs (`configs/vit_small_imagenet.py`, `configs/vit_base_imagenet.py`):
 global batch 4096, 2×224 + 6×96 crops, fp32, AdamW, teacher, sharded over 64 simulated
@@ -10,17 +11,19 @@ step built by `bam_jax.train.builder.build_training` is lowered and compiled, an
 `memory_analysis()` of the compiled SPMD program gives the per-device bytes. Each is
 compiled with and without rematerialisation of the blocks (`config.model.remat`).
 
-Per device = arguments (replicated state + this device's crops) + outputs not aliased
-to the donated arguments + temporaries (activations kept for the backward pass, and
-scratch). XLA:CPU's buffer assignment stands in for the TPU's: the TPU compiler fuses
-and schedules differently and pads the minor dimensions of its tiles. The largest
-temporaries are read from XLA's memory-usage report. Prints a table and one JSON line.
+Per device = arguments (the state, replicated or with --shard_state split over the
+devices, + this device's crops) + outputs not aliased to the donated arguments +
+temporaries (activations kept for the backward pass, and scratch). XLA:CPU's buffer
+assignment stands in for the TPU's: the TPU compiler fuses and schedules differently
+and pads the minor dimensions of its tiles. The largest temporaries are read from XLA's
+memory-usage report. Prints a table and one JSON line.
 """
 
 import argparse
 import collections
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -85,7 +88,7 @@ def make_mesh(platform: str, n_devices: int, topology: str):
     return Mesh(np.asarray(devices), ('data',), axis_types=(AxisType.Auto,))
 
 
-def plan(variant: str, remat: bool, mesh) -> dict:
+def plan(variant: str, remat: bool, mesh, shard_state: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -96,6 +99,7 @@ def plan(variant: str, remat: bool, mesh) -> dict:
     config = {'vit_small': vit_small_imagenet, 'vit_base': vit_base_imagenet}[
         variant].get_config()
     config.model.remat = remat
+    config.shard_state = shard_state
     n_devices = mesh.devices.size
     steps_per_epoch = 1_281_167 // config.batch_size
     training = builder.build_training(config, mesh, steps_per_epoch, abstract=True)
@@ -109,12 +113,12 @@ def plan(variant: str, remat: bool, mesh) -> dict:
     memory = compiled.memory_analysis()
     # Remat shows as more matmuls (the forward recomputed); XLA:CPU merges them back.
     n_matmuls = len(re.findall(r' (?:dot|convolution)\(', compiled.as_text()))
-    state_bytes = sum(leaf.size * leaf.dtype.itemsize
-                      for leaf in jax.tree.leaves(training.state))
+    state_bytes = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                      for leaf in jax.tree.leaves(training.state))  # on one device
     batch_bytes = sum(x.size * x.dtype.itemsize for x in batch.values()) / n_devices
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-    return dict(variant=variant, remat=remat, devices=n_devices,
+    return dict(variant=variant, remat=remat, shard_state=shard_state, devices=n_devices,
                 images_per_device=config.batch_size // n_devices,
                 compile_seconds=compile_seconds, matmul_ops=n_matmuls,
                 state_gib=state_bytes / GIB, batch_gib=batch_bytes / GIB,
@@ -132,6 +136,8 @@ def main():
     parser.add_argument('--platform', choices=('cpu', 'tpu'), default='cpu')
     parser.add_argument('--devices', type=int, default=64, help='simulated CPU devices')
     parser.add_argument('--topology', default='v5e:8x8', help='TPU topology to compile for')
+    parser.add_argument('--shard_state', action='store_true',
+                        help='the state sharded over the devices (config.shard_state)')
     args = parser.parse_args()
     _set_xla_flags(args.devices)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
@@ -139,7 +145,8 @@ def main():
     mesh = make_mesh(args.platform, args.devices, args.topology)
     target = (f'{args.devices} simulated CPU devices' if args.platform == 'cpu' else
               f'TPU {args.topology} ({mesh.devices.size} chips)')
-    rows = [dict(plan(variant, remat, mesh), platform=args.platform, target=target)
+    rows = [dict(plan(variant, remat, mesh, args.shard_state), platform=args.platform,
+                 target=target)
             for variant in args.variants for remat in (False, True)]
     print(f"Per-device memory of the train step, global batch 4096 on {target}, "
           f"2×224 + 6×96 crops, fp32 (compiled, not run)")

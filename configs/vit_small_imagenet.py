@@ -20,6 +20,8 @@ def get_config():
     # Activations: 'auto' is bfloat16 on TPU/GPU, float32 on CPU; or 'float32' | 'bfloat16'.
     # Parameters, loss, Sinkhorn and optimizer are float32 in every case.
     config.compute_dtype = 'auto'
+    # True: params, teacher and optimizer moments split over the devices (FSDP), not copied.
+    config.shard_state = False
 
     # variant names the timm model; embed_dim, depth and num_heads size it (ViT-S: BAM's
     # 12 heads, not timm's 6).

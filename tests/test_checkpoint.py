@@ -36,7 +36,7 @@ def test_restore_onto_fewer_devices_continues_identically(tmp_path,
     training = train_lib.build_training(config, mesh, steps_per_epoch=5)
     restored, items = checkpoint_lib.Checkpointer(
         tmp_path, json_items=('data', 'config')).restore(
-            checkpoint_lib.abstract_like(training.state, mesh))
+            checkpoint_lib.abstract_like(training.state))
     assert items['data'] == {'epoch': 0, 'position': 32}
     assert items['config']['loss']['top_k'] == config.loss.top_k
     assert int(restored.step) == 2

@@ -15,7 +15,7 @@ from bam_jax.models.multicrop import build_network
 from bam_jax.models.vit import is_frozen
 from bam_jax.train.optimizer import make_optimizer
 from bam_jax.train.schedules import Schedules, make_schedules
-from bam_jax.train.state import TrainState, create_train_state
+from bam_jax.train.state import TrainState, create_train_state, state_sharding
 from bam_jax.train.step import loss_kwargs_from_config, make_train_step
 
 
@@ -92,7 +92,8 @@ class Training:
 
 def build_training(config, mesh: jax.sharding.Mesh, steps_per_epoch: int,
                    rng: jax.Array | None = None, *, abstract: bool = False) -> Training:
-    """Everything a run needs; the state is placed replicated on `mesh`.
+    """Everything a run needs; the state is placed on `mesh`, replicated or (with
+    `config.shard_state`) sharded.
 
     With `abstract`, the state is shapes and shardings only (see `create_train_state`).
     """
@@ -105,9 +106,12 @@ def build_training(config, mesh: jax.sharding.Mesh, steps_per_epoch: int,
         b2=optimizer.b2, eps=optimizer.eps, lars_momentum=optimizer.lars_momentum,
         lars_eta=optimizer.lars_eta)
     rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+    shard = config.get('shard_state', False)  # absent from configs saved before it
     state = create_train_state(network, tx, rng, crop_shapes(config, 2),
-                               teacher=config.teacher, mesh=mesh, abstract=abstract)
+                               teacher=config.teacher, mesh=mesh, shard=shard,
+                               abstract=abstract)
     train_step = make_train_step(
         network, tx, schedules, loss_kwargs_from_config(config), mesh=mesh,
-        augment=lambda batch, rng: augment_crops(batch, config.crops, rng))
+        augment=lambda batch, rng: augment_crops(batch, config.crops, rng),
+        state_sharding=state_sharding(state, mesh, shard=shard))
     return Training(network, tx, schedules, state, train_step)

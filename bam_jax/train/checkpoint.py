@@ -3,7 +3,8 @@
 Saves are asynchronous and atomic (orbax writes into a temporary directory and renames it
 when complete), so a crash or kill mid-save leaves the previous checkpoint intact and
 the partial one is ignored. Restoring takes an abstract state whose shardings are those
-of the *current* mesh, so a checkpoint written on 8 devices restores onto 1.
+of the *current* run (`abstract_like`), so a checkpoint written on 8 devices restores
+onto 1, and one written by a replicated state restores sharded, and back.
 """
 
 from __future__ import annotations
@@ -178,8 +179,15 @@ def root_cause(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0][:300]
 
 
-def abstract_like(state, mesh: jax.sharding.Mesh):
-    """Shapes and dtypes of `state` (real or abstract), replicated on `mesh`."""
-    replicated = NamedSharding(mesh, P())
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+def abstract_like(state, mesh: jax.sharding.Mesh | None = None):
+    """Shapes and dtypes of `state` (real or abstract) laid out as `state` is, or
+    replicated on `mesh` if one is given: a restore target.
+
+    Orbax reads every array into the target's sharding, so a checkpoint restores onto
+    the run's own layout whatever layout (replicated or sharded) and device count wrote
+    it.
+    """
+    def like(x):
+        sharding = x.sharding if mesh is None else NamedSharding(mesh, P())
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree.map(like, state)

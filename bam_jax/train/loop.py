@@ -147,7 +147,7 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
     data_state = None
     if latest is not None:
         state, items, step = checkpointer.restore_newest_intact(
-            abstract_like(state, mesh), set_aside_to=workdir / 'corrupt')
+            abstract_like(state), set_aside_to=workdir / 'corrupt')
         data_state = items['data']
         boxes = items.get('boxes', boxes)
         if step >= total_steps:

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bam_jax.data import ccrop, eval_input, sources
 from bam_jax.evaluate import knn_accuracy, normalize_images
-from bam_jax.train.state import backbone_variables
+from bam_jax.train.state import backbone_variables, gathered
 
 
 def _eval_input(config, source, *, image_size: int, resize_size: int | None,
@@ -156,8 +156,8 @@ class OnlineKnn:
             val_source = sources.make_source(config.data, knn.val_split)
         self._val_input = _eval_input(config, val_source, image_size=knn.image_size,
                                       resize_size=knn.resize_size)
-        self._features = jax.jit(
-            lambda variables, images: backbone.apply(variables, images, train=False))
+        self._features = jax.jit(lambda variables, images: backbone.apply(
+            gathered(variables, mesh), images, train=False))
 
     def _choose_bank(self):
         labels = self._labels
@@ -203,8 +203,9 @@ def contrastive_crop_boxes(config, backbone, state, source,
     # The teacher, or the student when the run has none (as the official box update).
     variables = backbone_variables(
         state, 'student' if state.teacher_params is None else 'teacher')
-    model_boxes = jax.jit(functools.partial(ccrop.model_boxes, backbone,
-                                            threshold=config.data.ccrop_box_threshold))
+    model_boxes = jax.jit(lambda variables, images: ccrop.model_boxes(
+        backbone, gathered(variables, mesh), images,
+        threshold=config.data.ccrop_box_threshold))
     rows = NamedSharding(mesh, P('data'))
     for batch in batches:
         images = jax.make_array_from_process_local_data(rows, batch['image'])

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bam_jax.loss import bam_loss
 from bam_jax.models.vit import is_frozen
 from bam_jax.train.schedules import Schedules
-from bam_jax.train.state import TrainState
+from bam_jax.train.state import TrainState, gathered
 
 CROP_GROUPS = ('global', 'local')
 # Folded into the state's rng for the device augmentations; each image then folds in its
@@ -55,6 +55,7 @@ def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
                     schedules: Schedules, loss_kwargs: dict[str, Any], *,
                     mesh: jax.sharding.Mesh, axis_name: str = 'data',
                     augment: Callable[[dict, jax.Array], dict] | None = None,
+                    state_sharding: TrainState | None = None,
                     donate: bool = True) -> Callable[[TrainState, dict], tuple]:
     """The jitted step `(state, batch) -> (state, metrics)`.
 
@@ -62,12 +63,19 @@ def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
     sharded over `axis_name` on the image axis (see `shard_batch`). Host batches hold
     uint8 crops and a per-image 'seed' `[B, 2]`; `augment(batch, rng)` (the device half
     of the augmentations) turns them into normalised float crops inside the step. Float
-    crops are used as they are. The state is replicated and donated. `loss_kwargs` are
-    `bam_loss`'s static arguments (all but ε, which is scheduled).
+    crops are used as they are. The state is donated and keeps its layout:
+    `state_sharding` (see `bam_jax.train.state.state_sharding`; default replicated).
+    A sharded state's parameters are gathered where the networks use them, and the
+    gradients reduced straight into their shards. `loss_kwargs` are `bam_loss`'s static
+    arguments (all but ε, which is scheduled).
     """
     loss_fn = functools.partial(bam_loss, mesh=mesh, axis_name=axis_name, **loss_kwargs)
+    replicated = NamedSharding(mesh, P())
+    state_sharding = replicated if state_sharding is None else state_sharding
+    params_sharding = getattr(state_sharding, 'params', replicated)
 
     def forward(params, batch_stats, crops, rng):
+        params = gathered(params, mesh)
         variables = {'params': params, 'batch_stats': batch_stats}
         return network.apply(variables, crops, train=True, rngs={'dropout': rng},
                              mutable=['batch_stats'])
@@ -99,6 +107,8 @@ def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
 
         (loss, (metrics, batch_stats)), grads = jax.value_and_grad(
             objective, has_aux=True)(state.params)
+        # Sharded: each device's gradient shard is reduced there (a reduce-scatter).
+        grads = jax.lax.with_sharding_constraint(grads, params_sharding)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_step = state.step + 1
@@ -120,10 +130,9 @@ def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
                    'param_norm': optax.tree.norm(params)}
         return new_state, metrics
 
-    replicated = NamedSharding(mesh, P())
     # The batch keeps the sharding it was placed with (`shard_batch`).
-    return jax.jit(train_step, in_shardings=(replicated, None),
-                   out_shardings=(replicated, replicated),
+    return jax.jit(train_step, in_shardings=(state_sharding, None),
+                   out_shardings=(state_sharding, replicated),
                    donate_argnums=(0,) if donate else ())
 
 
