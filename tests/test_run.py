@@ -210,13 +210,20 @@ def test_nan_input_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path,
     assert Checkpointer(workdir / 'checkpoints').latest_step() == STEPS
 
 
-def test_contrastive_crop_boxes_update_on_schedule_and_resume(tmp_path):
+def ccrop_config():
+    """The small network on 256 random images: 3 epochs of 2 steps, ContrastiveCrop boxes
+    after epochs 0 and 1."""
     config = small_config()
     config.epochs = 3
     config.knn.every_epochs = 0
     config.data.update(source='synthetic', synthetic_num_examples=256,
                        synthetic_image_shape=(40, 48), ccrop=True, ccrop_warmup_epochs=0,
                        ccrop_loc_interval=1, ccrop_image_size=32)
+    return config
+
+
+def test_contrastive_crop_boxes_update_on_schedule_and_resume(tmp_path):
+    config = ccrop_config()
     # Boxes after epochs 0 and 1 (not after the last), used from epoch 2 on.
     result = loop.train_and_evaluate(config, str(tmp_path))
     assert result['step'] == 6 and result['signal'] is None

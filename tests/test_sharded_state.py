@@ -13,7 +13,7 @@ from bam_jax.train import checkpoint as checkpoint_lib
 from bam_jax.train import loop, online
 from bam_jax.train.state import fsdp_sharding
 from conftest import data_mesh, finish, start
-from test_run import free_port, losses, small_config
+from test_run import ccrop_config, free_port, losses
 from test_train import leaves_with_paths, place, random_batch, tiny_config
 
 STEPS = 6
@@ -140,12 +140,7 @@ def test_checkpoint_restores_across_layouts_and_device_counts(tmp_path, runs, sa
 
 
 def test_loop_resumes_a_sharded_run_replicated_with_the_same_boxes_and_knn(tmp_path):
-    config = small_config()
-    config.epochs = 3
-    config.knn.every_epochs = 0
-    config.data.update(source='synthetic', synthetic_num_examples=256,
-                       synthetic_image_shape=(40, 48), ccrop=True, ccrop_warmup_epochs=0,
-                       ccrop_loc_interval=1, ccrop_image_size=32)
+    config = ccrop_config()
     config.shard_state = True
     assert loop.train_and_evaluate(config, str(tmp_path))['step'] == 6
     sharded_losses = losses(tmp_path)
@@ -153,7 +148,7 @@ def test_loop_resumes_a_sharded_run_replicated_with_the_same_boxes_and_knn(tmp_p
     # The replicated layout resumes the sharded run's step 2 and retraces its losses.
     replicated = config.copy_and_resolve_references()
     replicated.shard_state = False
-    loop.train_and_evaluate(replicated, str(tmp_path), from_step=2, force_config=True)
+    loop.train_and_evaluate(replicated, str(tmp_path), from_step=2)  # a run-control key
     resumed = losses(tmp_path)
     assert sorted(resumed) == list(range(1, 7))
     for step in range(3, 7):

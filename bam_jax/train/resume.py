@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from bam_jax.train.builder import ConfigError
 
 # Config keys (and key prefixes, ending in '.') that may change when a run resumes.
-RUN_CONTROL = ('log_every_steps', 'checkpoint_every_steps', 'max_checkpoints',
+RUN_CONTROL = ('log_every_steps', 'checkpoint_every_steps', 'max_checkpoints', 'shard_state',
                'profile_steps', 'data.num_workers', 'data.data_dir', 'data.max_bad_fraction',
                'knn.', 'evaluation.')
 
