@@ -21,11 +21,11 @@ from bam_jax.evaluate import extract_features, linear
 from bam_jax.models.resnet import ResNet
 from bam_jax.models.vit import vit
 from conftest import (REPO, SMALL, TINY, changed_copy, corrupt_checkpoint, data_mesh,
+                      environment)
 
 # One test worker runs every module that reads the small reference run, so it is
 # trained once per test session.
 pytestmark = pytest.mark.xdist_group('small_mnist_run')
-                      environment)
 
 # ------------------------------------------------------------------ the probe itself
 
