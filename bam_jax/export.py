@@ -105,7 +105,7 @@ def restore_state(workdir: pathlib.Path, step: int | None = None):
                                             step)
     except Exception as error:  # tensorstore reports unreadable data as a bare Exception
         raise ExportError(f'checkpoint {directory / str(step)} is corrupt or unreadable: '
-                          f'{_root_cause(error)}') from error
+                          f'{checkpoint_lib.root_cause(error)}') from error
     finally:
         checkpointer.close()
     saved_config = items.get('config')
@@ -117,13 +117,6 @@ def restore_state(workdir: pathlib.Path, step: int | None = None):
             f'{workdir / "config.json"} says model {config.model.to_dict()}, but '
             f'checkpoint step {step} was saved with model {saved_model}')
     return config, state, step
-
-
-def _root_cause(error: BaseException) -> str:
-    """The first line of the innermost cause: tensorstore's own words, not orbax's."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return (str(error).splitlines() or [type(error).__name__])[0][:300]
 
 
 def _dotted(path) -> str:
@@ -149,7 +142,7 @@ def _check_saved_shapes(abstract_state, step_directory: pathlib.Path,
             step_directory / checkpoint_lib.STATE)
     except Exception as error:  # missing or garbled metadata files
         raise ExportError(f'checkpoint {step_directory} is corrupt or unreadable: '
-                          f'{_root_cause(error)}') from error
+                          f'{checkpoint_lib.root_cause(error)}') from error
     saved = {leaf.name: tuple(getattr(leaf, 'shape', ()))
              for leaf in jax.tree.leaves(metadata)}
     wanted = {_dotted(path): tuple(leaf.shape)

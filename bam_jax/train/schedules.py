@@ -89,10 +89,6 @@ class Schedules:
     one_minus_teacher_momentum: Schedule
     sinkhorn_reg: Schedule
 
-    def teacher_momentum(self, step) -> jnp.ndarray:
-        """m itself, for the logs only: in float32 it rounds to 1 near the end of a run."""
-        return 1 - self.one_minus_teacher_momentum(step)
-
     def __call__(self, step) -> dict[str, jnp.ndarray]:
         values = {field.name: getattr(self, field.name)(step)
                   for field in dataclasses.fields(self)}
