@@ -24,10 +24,12 @@ def get_config():
     config.shard_state = False
 
     # variant names the timm model; embed_dim, depth and num_heads size it (ViT-S: BAM's
-    # 12 heads, not timm's 6).
+    # 12 heads, not timm's 6). attention: 'auto' is 'einsum' (the CPU-tuned form) on CPU
+    # and 'dot_product_attention' (jax.nn's: cuDNN's fused kernel on GPU, XLA's on TPU)
+    # on TPU/GPU; the two compute the same function.
     config.model = ml_collections.ConfigDict(dict(
         name='vit', variant='small', patch_size=16, img_size=224, embed_dim=384, depth=12,
-        num_heads=12, drop_path_rate=0.0, remat=False))
+        num_heads=12, drop_path_rate=0.0, remat=False, attention='auto'))
     config.projector = ml_collections.ConfigDict(dict(
         n_layers=3, hidden_dim=4096, out_dim=4096, activation='gelu', use_bias=True,
         use_bn=False, last_bn=False))

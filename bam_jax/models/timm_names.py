@@ -67,9 +67,11 @@ def vit_model_spec(model_config: Mapping[str, Any]) -> dict[str, Any]:
     model = dict(model_config)
     if model.pop('name') != 'vit':
         raise ValueError(f'not a ViT config: {dict(model_config)}')
-    # Train-time only: drop_path_rate is 0 at evaluation, remat does not change outputs.
+    # Train-time only: drop_path_rate is 0 at evaluation; remat and the attention's
+    # implementation do not change outputs.
     model.pop('drop_path_rate', None)
     model.pop('remat', None)
+    model.pop('attention', None)
     variant = model.pop('variant')
     module = vit(variant, **model)
     kwargs = dict(

@@ -9,6 +9,11 @@ leaves only: Dense `kernel` [in, out] is torch `weight` [out, in], LayerNorm `sc
 Two parts are frozen at initialisation, as in the official code: the fixed 2-D sin-cos
 position table and the patch projection. The forward pass stops their gradients, and
 `is_frozen` tells the optimizer which leaves they are.
+
+Attention has two implementations of the same function, chosen per backend by
+`bam_jax.models.multicrop.attention_implementation`: the form written out here, tuned for
+the CPU ('einsum'), and `jax.nn.dot_product_attention` ('xla', or 'cudnn' for cuDNN's
+fused flash attention on GPU).
 """
 
 from collections.abc import Sequence
@@ -21,6 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 LAYER_NORM_EPSILON = 1e-6
+# 'einsum': `attention_heads`; 'xla', 'cudnn': `jax.nn.dot_product_attention(...,
+# implementation=)`.
+ATTENTION_IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn')
+# The inputs cuDNN's flash attention takes (before Hopper; Hopper also takes head dim 256).
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+CUDNN_MAX_HEAD_DIM = 128
 
 # Width, depth and heads of the official BAM backbones; BAM's ViT-S uses 12 heads (head
 # dim 32), not timm's 6.
@@ -165,12 +176,45 @@ def attention_heads(query: jax.Array, key: jax.Array, value: jax.Array,
     return jnp.einsum('bhqk,bhkd->bhqd', unnormalised, value) / normaliser, None
 
 
+def self_attention(qkv: jax.Array, implementation: str = 'einsum',
+                   return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """Multi-head attention of the qkv projection `[B, T, 3, H, d]` → `[B, T, H, d]`.
+
+    `implementation` (`ATTENTION_IMPLEMENTATIONS`): 'einsum' is `attention_heads`, the
+    CPU's fastest form; 'xla' and 'cudnn' are `jax.nn.dot_product_attention` with that
+    implementation, where TPU and GPU compilers fuse their own kernels. 'cudnn' falls back
+    to 'xla' for inputs cuDNN's flash attention does not take (float32, head dim not a
+    multiple of 8 or above 128).
+
+    `jax.nn.dot_product_attention` does not return the probabilities, so with
+    `return_attention` the einsum form computes output and probabilities `[B, H, T, T]`
+    whatever the implementation: the attention maps (evaluation, ContrastiveCrop) are
+    the same on every backend. The two forms agree to float rounding.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f'attention implementation {implementation!r}: expected one of '
+                         f'{list(ATTENTION_IMPLEMENTATIONS)}.')
+    if implementation == 'einsum' or return_attention:
+        # One transpose makes them head-major [3, B, H, T, d].
+        query, key, value = qkv.transpose(2, 0, 3, 1, 4)
+        out, attention = attention_heads(query, key, value, return_attention)
+        return out.transpose(0, 2, 1, 3), attention
+    head_dim = qkv.shape[-1]
+    if implementation == 'cudnn' and not (qkv.dtype in CUDNN_DTYPES and head_dim % 8 == 0
+                                          and head_dim <= CUDNN_MAX_HEAD_DIM):
+        implementation = 'xla'
+    query, key, value = (qkv[:, :, index] for index in range(3))
+    return jax.nn.dot_product_attention(query, key, value,
+                                        implementation=implementation), None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection, ordered like timm's."""
 
     num_heads: int
     qkv_bias: bool = True
     dtype: Any = jnp.float32
+    attention_implementation: str = 'einsum'
 
     @nn.compact
     def __call__(self, x: jax.Array,
@@ -181,11 +225,10 @@ class Attention(nn.Module):
         head_dim = dim // self.num_heads
         qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, kernel_init=_qkv_kernel_init,
                        dtype=self.dtype, name='qkv')(x)
-        # Features are [q | k | v] × heads × head_dim, as timm's reshape(B, N, 3, H, hd);
-        # one transpose makes them head-major [3, B, H, N, hd].
-        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        out, attention = attention_heads(qkv[0], qkv[1], qkv[2], return_attention)
-        out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
+        # Features are [q | k | v] × heads × head_dim, as timm's reshape(B, N, 3, H, hd).
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+        out, attention = self_attention(qkv, self.attention_implementation, return_attention)
+        out = out.reshape(batch, tokens, dim)
         out = nn.Dense(dim, kernel_init=nn.initializers.xavier_uniform(),
                        dtype=self.dtype, name='proj')(out)
         return out, attention
@@ -215,6 +258,7 @@ class Block(nn.Module):
     qkv_bias: bool = True
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    attention_implementation: str = 'einsum'
 
     # `train` and `return_attention` are positional so `nn.remat` can mark them static.
     @nn.compact
@@ -222,6 +266,7 @@ class Block(nn.Module):
                  return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
         dim = x.shape[-1]
         attended, attention = Attention(self.num_heads, self.qkv_bias, self.dtype,
+                                        self.attention_implementation,
                                         name='attn')(self._norm('norm1')(x), return_attention)
         x = x + self._drop_path(attended, train)
         mlp = Mlp(int(dim * self.mlp_ratio), self.dtype, name='mlp')
@@ -254,6 +299,7 @@ class VisionTransformer(nn.Module):
       drop_path_rate: stochastic depth of the last block; linearly spaced from 0.
       remat: recompute each block in the backward pass (gradient checkpointing).
       dtype: compute dtype; params stay float32.
+      attention_implementation: 'einsum' | 'xla' | 'cudnn', see `self_attention`.
     """
 
     patch_size: int = 16
@@ -266,6 +312,7 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     remat: bool = False
     dtype: Any = jnp.float32
+    attention_implementation: str = 'einsum'
 
     def setup(self):
         if self.img_size % self.patch_size:
@@ -281,7 +328,8 @@ class VisionTransformer(nn.Module):
         block = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
         self.blocks = [
-            block(self.num_heads, self.mlp_ratio, self.qkv_bias, float(rate), self.dtype)
+            block(self.num_heads, self.mlp_ratio, self.qkv_bias, float(rate), self.dtype,
+                  self.attention_implementation)
             for rate in rates
         ]
         self.norm = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype)
