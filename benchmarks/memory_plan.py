@@ -3,6 +3,7 @@ r"""Pod-scale plan: the ViT-S/B/L train steps compiled for TPU v5e-64 and v4-64,
   python benchmarks/memory_plan.py [--variants vit_small vit_base vit_large] \
     [--topologies v5e-64 v4-64] [--layouts replicated sharded] [--remat no yes] \
     [--images_per_core 198] [--platform tpu|cpu]
+  python benchmarks/memory_plan.py --rows LOG [LOG ...]  # the table of earlier runs' rows
 
 The paper's runs (`configs/vit_small_imagenet.py`, `configs/vit_base_imagenet.py`; ViT-L
 is the ViT-B config resized to 1024 wide, 24 blocks, 16 heads, there being no ViT-L
@@ -40,7 +41,9 @@ With `--platform cpu` the step is compiled for `--devices` simulated CPU devices
 (float32, no roofline): XLA:CPU's buffer assignment then stands in for the TPU's and
 cannot show remat (docs/performance.md). Prints a table, the largest temporaries (from
 XLA's memory-usage report) and one JSON line; each row is also printed to stderr as it is
-compiled, so a long grid leaves its rows behind.
+compiled (`row {...}`), so a long grid leaves its rows behind, and `--rows` tabulates such
+logs of several runs (several plans at once need ALLOW_MULTIPLE_LIBTPU_LOAD=1: libtpu
+otherwise locks /tmp/libtpu_lockfile).
 """
 
 import argparse
@@ -229,30 +232,45 @@ def plan(config, mesh, chip: Chip | None = None, images_per_core: float = IMAGES
     return row
 
 
-def print_table(rows: list[dict]) -> None:
-    print('Per chip, one train step at global batch 4096, 2×224 + 6×96 crops '
-          '(compiled, not run)')
-    header = (f"{'target':<8} {'backbone':<9} {'state':<6} {'remat':<5} {'dtype':<8} "
-              f"{'state':>6} {'temp':>6} {'total GiB':>9} {'fits':>4} {'TFLOP':>7} "
-              f"{'GB':>6} {'roof ms':>7} {'bound':>7} {'img/s/chip':>10} "
-              f"{'img/s/host':>10} {'cores':>5} {'compile s':>9}")
-    print(header)
+def saved_rows(logs: list[str], images_per_core: float) -> list[dict]:
+    """The rows earlier runs printed to stderr, the roofline re-derived from their costs."""
+    rows = []
+    for log in logs:
+        with open(log) as lines:
+            rows += [json.loads(line[4:]) for line in lines if line.startswith('row {')]
     for row in rows:
-        line = (f"{row['target']:<8} {LABELS.get(row['variant'], row['variant']):<9} "
-                f"{'shard' if row['shard_state'] else 'repl':<6} "
-                f"{'yes' if row['remat'] else 'no':<5} {row['compute_dtype']:<8} "
-                f"{row['state_gib']:6.2f} {row['temp_gib']:6.2f} {row['total_gib']:9.2f} ")
-        if 'roofline_step_s' in row:
-            line += (f"{'yes' if row['fits'] else 'NO':>4} "
-                     f"{row['flops_per_chip'] / 1e12:7.2f} {row['bytes_per_chip'] / 1e9:6.1f} "
-                     f"{row['roofline_step_s'] * 1e3:7.1f} {row['bound']:>7} "
-                     f"{row['images_per_s_per_chip']:10.0f} "
-                     f"{row['images_per_s_per_host']:10.0f} {row['host_cores_needed']:5.1f} ")
-        else:
-            line += (f"{'':>4} {row['flops_per_chip'] / 1e12:7.2f} "
-                     f"{row['bytes_per_chip'] / 1e9:6.1f} {'':>7} {'':>7} {'':>10} {'':>10} "
-                     f"{'':>5} ")
-        print(line + f"{row['compile_seconds']:9.0f}")
+        if row['target'] in TOPOLOGIES:
+            row.update(roofline(row['flops_per_chip'], row['bytes_per_chip'],
+                                row['images_per_chip'], TOPOLOGIES[row['target']],
+                                row['chips_per_host'], images_per_core))
+    order = {name: index for index, name in enumerate([*TOPOLOGIES, *VARIANTS])}
+    return sorted(rows, key=lambda row: (order.get(row['target'], 99), order[row['variant']],
+                                         row['shard_state'], row['remat']))
+
+
+def print_table(rows: list[dict]) -> None:
+    print('Per chip, one train step at global batch 4096, 2×224 + 6×96 crops (compiled, '
+          'not run); roofline = max(FLOPs / peak, bytes / HBM bandwidth)')
+    print(f"{'target':<8} {'backbone':<9} {'state':<5} {'remat':<5} {'dtype':<8} "
+          f"{'state':>6} {'temp':>6} {'GiB':>6} {'fits':>4} {'TFLOP':>6} {'GB':>6} "
+          f"{'MXU ms':>6} {'HBM ms':>6} {'img/s/chip':>10} {'img/s/host':>10} "
+          f"{'cores':>5} {'compile s':>9}")
+    for row in rows:
+        roof = 'roofline_step_s' in row
+        cells = [f"{row['target']:<8}", f"{LABELS.get(row['variant'], row['variant']):<9}",
+                 f"{'shard' if row['shard_state'] else 'repl':<5}",
+                 f"{'yes' if row['remat'] else 'no':<5}", f"{row['compute_dtype']:<8}",
+                 f"{row['state_gib']:6.2f}", f"{row['temp_gib']:6.2f}",
+                 f"{row['total_gib']:6.2f}",
+                 f"{('yes' if row['fits'] else 'NO') if roof else '':>4}",
+                 f"{row['flops_per_chip'] / 1e12:6.2f}", f"{row['bytes_per_chip'] / 1e9:6.1f}",
+                 f"{row['compute_step_s'] * 1e3:6.1f}" if roof else f"{'':>6}",
+                 f"{row['hbm_step_s'] * 1e3:6.1f}" if roof else f"{'':>6}",
+                 f"{row['images_per_s_per_chip']:10.0f}" if roof else f"{'':>10}",
+                 f"{row['images_per_s_per_host']:10.0f}" if roof else f"{'':>10}",
+                 f"{row['host_cores_needed']:5.1f}" if roof else f"{'':>5}",
+                 f"{row['compile_seconds']:9.0f}"]
+        print(' '.join(cells))
 
 
 def main():
@@ -270,7 +288,13 @@ def main():
     parser.add_argument('--platform', choices=('tpu', 'cpu'), default='tpu')
     parser.add_argument('--devices', type=int, default=64,
                         help='simulated CPU devices (--platform cpu)')
+    parser.add_argument('--rows', nargs='+', metavar='LOG',
+                        help="compile nothing: the table of the 'row {...}' lines these "
+                             'stderr logs of earlier runs hold (roofline re-derived)')
     args = parser.parse_args()
+    if args.rows:
+        print_table(saved_rows(args.rows, args.images_per_core))
+        return
     dump_dir = tempfile.mkdtemp(prefix='memory_plan_')
     _set_xla_flags(args.devices, dump_dir)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
