@@ -14,10 +14,16 @@ os.environ['XLA_FLAGS'] = ' '.join(
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Label files of the generated data sets go to a scratch directory, not ~/.cache.
 os.environ.setdefault('BAM_JAX_LABEL_CACHE', tempfile.mkdtemp(prefix='bam_jax_labels_'))
+# One XLA compilation cache for the session: a resumed run, the documented commands and
+# tests that build the same step load the executable instead of compiling it again. Set
+# here, in the process that starts the test workers, so they and their subprocesses share it.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='bam_jax_xla_'))
 
 import jax  # noqa: E402  (after the flags)
 import pytest  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
+
+from user_data import built_once  # noqa: E402
 
 assert jax.device_count() == 8, 'tests need 8 simulated devices; was JAX imported early?'
 
@@ -71,10 +77,14 @@ def finish(process, workdir, timeout=600) -> int:
 @pytest.fixture(scope='session')
 def small_mnist_run(tmp_path_factory):
     """A real `train.py` run of the small network on MNIST: 2 epochs (62 steps) on 4
-    devices, checkpoints every 10 steps (the last 3 kept: 50, 60, 62). Read-only."""
-    workdir = tmp_path_factory.mktemp('small_mnist') / 'run'
-    assert finish(start(workdir), workdir) == 0
-    return workdir
+    devices, checkpoints every 10 steps (the last 3 kept: 50, 60, 62). Read-only; trained
+    once for all test workers."""
+    def train(directory):
+        workdir = directory / 'run'
+        assert finish(start(workdir), workdir) == 0
+        return str(workdir)
+
+    return pathlib.Path(built_once(tmp_path_factory, 'small_mnist', train))
 
 
 # ---------------------------------------------------------------- bad-input cases

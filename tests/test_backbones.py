@@ -26,6 +26,9 @@ from bam_jax.models.resnet import BatchNorm, ResNet
 from configs import caformer_m36_imagenet, resnet50_imagenet
 from conftest import data_mesh
 
+# One test worker runs this module, so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group('backbones')
+
 TINY_RESNET = dict(stage_depths=(1, 1, 1, 1), width=8)
 TINY_CAFORMER = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
 PARITY_TOLERANCE = 1e-4  # max |Δ| on fp32 features (the bar)

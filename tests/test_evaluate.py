@@ -23,9 +23,8 @@ from bam_jax.models.vit import vit
 from conftest import (REPO, SMALL, TINY, changed_copy, corrupt_checkpoint, data_mesh,
                       environment)
 
-# One test worker runs every module that reads the small reference run, so it is
-# trained once per test session.
-pytestmark = pytest.mark.xdist_group('small_mnist_run')
+# One test worker runs this module, so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group('evaluate')
 
 # ------------------------------------------------------------------ the probe itself
 

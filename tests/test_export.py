@@ -32,6 +32,9 @@ from configs import caformer_m36_imagenet, resnet50_imagenet
 from test_backbones import TINY_CAFORMER, TINY_RESNET, tiny_backbone_config
 from test_train import leaves_with_paths, place, random_batch, tiny_config
 
+# One test worker runs this module, so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group('export')
+
 TOLERANCE = 1e-4  # max |JAX - timm| in float32, CLS features and patch tokens
 TRAINED_STEP = 3
 REPOSITORY = pathlib.Path(__file__).parent.parent

@@ -19,10 +19,6 @@ from bam_jax.train.checkpoint import Checkpointer
 from conftest import REPO, environment, finish, start
 from test_run import losses, small_config
 
-# One test worker runs every module that reads the small reference run, so it is
-# trained once per test session.
-pytestmark = pytest.mark.xdist_group('small_mnist_run')
-
 
 @pytest.fixture
 def copy(small_mnist_run, tmp_path):

@@ -25,9 +25,6 @@ from bam_jax.train import builder, loop, metrics_log, online
 from bam_jax.train.checkpoint import Checkpointer, abstract_like
 from conftest import REPO, SMALL, TINY, command, environment, finish, start
 
-# One test worker runs every module that reads the small reference run, so it is
-# trained once per test session.
-pytestmark = pytest.mark.xdist_group('small_mnist_run')
 
 STEPS = 62  # two epochs of 4,000 digits at batch 128
 

@@ -16,6 +16,9 @@ from conftest import data_mesh, finish, start
 from test_run import ccrop_config, free_port, losses
 from test_train import leaves_with_paths, place, random_batch, tiny_config
 
+# One test worker runs this module, so `runs` is built once.
+pytestmark = pytest.mark.xdist_group('sharded_state')
+
 STEPS = 6
 SAVED = 2  # the step the checkpoint tests save and restore
 
@@ -175,7 +178,6 @@ def test_loop_resumes_a_sharded_run_replicated_with_the_same_boxes_and_knn(tmp_p
     assert results[0][1] == results[1][1] and 'knn/teacher_top1' in results[0][1]
 
 
-@pytest.mark.xdist_group('small_mnist_run')  # on the worker that holds the reference run
 def test_two_processes_sharded_equal_one_process_replicated(small_mnist_run, tmp_path):
     workdir = tmp_path / 'run'
     address = f'--coordinator_address=127.0.0.1:{free_port()}'

@@ -25,8 +25,11 @@ import functools
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import filelock
 
 import numpy as np
 from PIL import Image
@@ -153,21 +156,40 @@ def dataset_info(data_dir: str) -> dict:
         return json.load(file)
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """`build(directory)` run once per test session and its (JSON) result, shared by the
+    pytest-xdist workers: the first to ask builds under a file lock in their common
+    temporary root, the others wait and read. A failed build is retried by the next."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent  # every worker's basetemp is a child of the session's
+    directory = root / name
+    result = root / f'{name}.json'
+    with filelock.FileLock(f'{directory}.lock'):
+        if not result.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            result.write_text(json.dumps(build(directory)))
+    return json.loads(result.read_text())
+
+
 @pytest.fixture(scope='session')
 def tfds_imagenet_dir(tmp_path_factory) -> str:
     """A TFDS data_dir with imagenet2012 in ArrayRecord format (128 train, 48 validation)."""
-    return make_tfds_imagenet(tmp_path_factory.mktemp('tfds_imagenet'))
+    return built_once(tmp_path_factory, 'tfds_imagenet', make_tfds_imagenet)
 
 
 @pytest.fixture(scope='session')
 def tfds_imagenet_tfrecord_dir(tmp_path_factory) -> str:
     """The same imagenet2012 in TFRecord format (`tfds build`'s default)."""
-    return make_tfds_imagenet(tmp_path_factory.mktemp('tfds_imagenet_tfrecord'), 'tfrecord')
+    return built_once(tmp_path_factory, 'tfds_imagenet_tfrecord',
+                      functools.partial(make_tfds_imagenet, file_format='tfrecord'))
 
 
 @pytest.fixture(scope='session')
 def _image_folders(tmp_path_factory) -> tuple[str, str]:
-    return make_image_folders(str(tmp_path_factory.mktemp('image_folders')))
+    return tuple(built_once(tmp_path_factory, 'image_folders',
+                            lambda root: make_image_folders(str(root))))
 
 
 @pytest.fixture(scope='session')

@@ -120,42 +120,46 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
         workdir / 'checkpoints', max_to_keep=config.max_checkpoints,
         save_interval_steps=config.checkpoint_every_steps, json_items=('data', 'config'),
         array_items=('boxes',) if use_ccrop else ())
-    if from_step is not None and from_step not in checkpointer.all_steps():
-        raise CheckpointError(f'--from_step={from_step}: no such checkpoint in '
-                              f'{checkpointer.directory}; available steps: '
-                              f'{checkpointer.all_steps()}.')
-    latest = checkpointer.latest_step() if from_step is None else from_step
-    if latest is not None:
-        saved_config = checkpointer.read_json(latest, 'config')
-        if saved_config is not None:
-            resume.check_same_run(saved_config, json.loads(config.to_json_best_effort()),
-                                  workdir, latest, force=force_config)
-    if from_step is not None:
-        later = [step for step in checkpointer.all_steps() if step > from_step]
-        if main_process:
-            resume.move_aside(workdir, [checkpointer.directory / str(step) for step in later],
-                              f'resuming from step {from_step}')
-        multihost_utils.sync_global_devices('later checkpoints moved aside')
-        checkpointer.reload()
+    try:  # a refusal closes the checkpointer: its threads must not outlive the exit
+        if from_step is not None and from_step not in checkpointer.all_steps():
+            raise CheckpointError(f'--from_step={from_step}: no such checkpoint in '
+                                  f'{checkpointer.directory}; available steps: '
+                                  f'{checkpointer.all_steps()}.')
+        latest = checkpointer.latest_step() if from_step is None else from_step
+        if latest is not None:
+            saved_config = checkpointer.read_json(latest, 'config')
+            if saved_config is not None:
+                resume.check_same_run(saved_config, json.loads(config.to_json_best_effort()),
+                                      workdir, latest, force=force_config)
+        if from_step is not None:
+            later = [step for step in checkpointer.all_steps() if step > from_step]
+            if main_process:
+                resume.move_aside(workdir, [checkpointer.directory / str(step) for step in later],
+                                  f'resuming from step {from_step}')
+            multihost_utils.sync_global_devices('later checkpoints moved aside')
+            checkpointer.reload()
 
-    # ------------------------------------------------------------------------------
-    # Model, optimizer and state; resume from the newest intact checkpoint.
-    # ------------------------------------------------------------------------------
-    training = build_training(config, mesh, steps_per_epoch)
-    state = training.state
-    boxes = ccrop.initial_boxes(len(train_source)) if use_ccrop else None
-    data_state = None
-    if latest is not None:
-        state, items, step = checkpointer.restore_newest_intact(
-            abstract_like(state), set_aside_to=workdir / 'corrupt')
-        data_state = items['data']
-        boxes = items.get('boxes', boxes)
-        if step >= total_steps:
-            logging.info('The run in %s had finished at step %d: nothing to do.', workdir,
-                         step)
-            checkpointer.close()
-            return {'step': step, 'signal': None, 'finished_before': True}
-        logging.info('Resumed from step %d.', step)
+        # ------------------------------------------------------------------------------
+        # Model, optimizer and state; resume from the newest intact checkpoint.
+        # ------------------------------------------------------------------------------
+        training = build_training(config, mesh, steps_per_epoch)
+        state = training.state
+        boxes = ccrop.initial_boxes(len(train_source)) if use_ccrop else None
+        data_state = None
+        if latest is not None:
+            state, items, step = checkpointer.restore_newest_intact(
+                abstract_like(state), set_aside_to=workdir / 'corrupt')
+            data_state = items['data']
+            boxes = items.get('boxes', boxes)
+            if step >= total_steps:
+                logging.info('The run in %s had finished at step %d: nothing to do.', workdir,
+                             step)
+                checkpointer.close()
+                return {'step': step, 'signal': None, 'finished_before': True}
+            logging.info('Resumed from step %d.', step)
+    except BaseException:
+        checkpointer.close()
+        raise
     if main_process:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     start_step = int(state.step)
