@@ -125,6 +125,8 @@ def test_fresh_starts_afresh_and_keeps_the_old_run(tmp_path):
     (lambda config: config.loss.update(top_k=-1), 'config.loss.top_k=-1'),
     (lambda config: config.optimizer.update(warmup_epochs=-1),
      'config.optimizer.warmup_epochs=-1'),
+    (lambda config: config.update(compute_dtype='fp8'), "config.compute_dtype='fp8'"),
+    (lambda config: config.model.update(attention='flash'), "config.model.attention='flash'"),
 ])
 def test_bad_values_are_one_line_naming_the_key(tmp_path, change, message):
     config = synthetic_config()

@@ -11,6 +11,7 @@ import jax
 import optax
 
 from bam_jax.data.augment import augment_crops
+from bam_jax.models import multicrop
 from bam_jax.models.multicrop import build_network
 from bam_jax.models.vit import is_frozen
 from bam_jax.train.optimizer import make_optimizer
@@ -51,6 +52,11 @@ def validate_config(config, device_count: int):
     need(config.loss.top_k < config.batch_size * config.crops.n_global,
          f'config.loss.top_k={config.loss.top_k} must be below the number of target '
          f'columns, batch_size × n_global = {config.batch_size * config.crops.n_global}.')
+    for resolve in (multicrop.compute_dtype, multicrop.attention_implementation):
+        try:  # names the key and the choices; any platform will do for the check
+            resolve(config, 'cpu')
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     need(not config.data.get('ccrop') or config.model.name in ATTENTION_BACKBONES,
          f'config.data.ccrop=True needs attention maps, which the {config.model.name!r} '
          f'backbone has none of; set config.data.ccrop=False or use one of '
