@@ -40,7 +40,7 @@ import _peak  # noqa: E402
 from bam_jax.models import multicrop  # noqa: E402
 from bam_jax.models.vit import self_attention  # noqa: E402
 from configs import vit_small_imagenet  # noqa: E402
-from memory_plan import make_mesh  # noqa: E402
+from memory_plan import Chip, data_mesh, tpu_devices  # noqa: E402
 
 FORMS = {'einsum': 'einsum', 'dot_product_attention': 'xla'}  # config value → TPU impl.
 DTYPES = ('float32', 'bfloat16')
@@ -113,7 +113,7 @@ def compiled_costs(step, args) -> dict:
 
 
 def tpu_rows(args) -> tuple[str, list[dict]]:
-    mesh = make_mesh('tpu', None, args.topology)
+    mesh = data_mesh(tpu_devices(Chip(args.topology)))
     platform = mesh.devices.flat[0].platform
     chips = mesh.devices.size
     sharding = NamedSharding(mesh, P('data'))
