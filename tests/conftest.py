@@ -23,6 +23,7 @@ import jax  # noqa: E402  (after the flags)
 import pytest  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
+pytest.register_assert_rewrite('user_data')  # imported here before it is a plugin
 from user_data import built_once  # noqa: E402
 
 assert jax.device_count() == 8, 'tests need 8 simulated devices; was JAX imported early?'
