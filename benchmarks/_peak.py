@@ -1,4 +1,4 @@
-"""This machine's fp32 matmul peak, measured in the caller's own process.
+"""This machine's fp32 matmul peak, measured in the caller's own process (and its memory peak).
 
 Every benchmark reports its throughput as a fraction of this peak, measured in the same
 run: on a shared machine only ratios taken close together in time mean anything.
@@ -73,3 +73,12 @@ def measure_peak(repeats: int = 5, size: int = SIZE,
     return {**gflops, 'peak_gflops': gflops[f'{source}_gflops'], 'peak_source': source,
             'load_average': [load_before, os.getloadavg()[0]],
             'seconds': {name: best[name] for name in also or {}}}
+
+
+def process_peak_rss_gib() -> float:
+    """The calling process's peak resident memory so far (Linux `VmHWM`), GiB."""
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 2 ** 20
+    return float('nan')

@@ -51,6 +51,15 @@ def ema(teacher, student, one_minus_momentum):
     return jax.tree_util.tree_map_with_path(update, teacher, student)
 
 
+# XLA:CPU hands matmuls to the YNNPACK library, and by default reductions and element-wise
+# chains too; those library fusions cannot take their producers in, so their inputs are
+# written out: the step's temporaries are 1.59 GiB instead of 1.24 for issue 15's tiny
+# ViT (0.25 instead of 0.21 for the MNIST default), for no measurable speed
+# (docs/performance.md). Matmuls alone go to YNNPACK here; XLA fuses the rest itself.
+CPU_COMPILER_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
 def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
                     schedules: Schedules, loss_kwargs: dict[str, Any], *,
                     mesh: jax.sharding.Mesh, axis_name: str = 'data',
@@ -67,7 +76,8 @@ def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
     `state_sharding` (see `bam_jax.train.state.state_sharding`; default replicated).
     A sharded state's parameters are gathered where the networks use them, and the
     gradients reduced straight into their shards. `loss_kwargs` are `bam_loss`'s static
-    arguments (all but ε, which is scheduled).
+    arguments (all but ε, which is scheduled). On the CPU it compiles with
+    `CPU_COMPILER_OPTIONS`.
     """
     loss_fn = functools.partial(bam_loss, mesh=mesh, axis_name=axis_name, **loss_kwargs)
     replicated = NamedSharding(mesh, P())
@@ -131,9 +141,11 @@ def make_train_step(network: nn.Module, tx: optax.GradientTransformation,
         return new_state, metrics
 
     # The batch keeps the sharding it was placed with (`shard_batch`).
+    on_cpu = mesh.devices.flat[0].platform == 'cpu'
     return jax.jit(train_step, in_shardings=(state_sharding, None),
                    out_shardings=(state_sharding, replicated),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (),
+                   compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, key: str, axis_name: str = 'data'):
