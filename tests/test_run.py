@@ -126,6 +126,12 @@ def random_init_knn() -> float:
     return knn(training.state)['knn/teacher_top1']
 
 
+def committed_steps(workdir) -> list[str]:
+    """Checkpoint steps whose save has finished (orbax renames a step's directory last)."""
+    return [path.name for path in (pathlib.Path(workdir) / 'checkpoints').iterdir()
+            if path.name.isdigit()]
+
+
 def truncate_newest_array_file(checkpoint_step: pathlib.Path):
     """Cuts the largest array data file of a checkpoint step in half (a write cut short)."""
     largest = max((path for path in (checkpoint_step / 'state').rglob('d/*')),
@@ -138,6 +144,10 @@ def test_kill_9_and_a_truncated_checkpoint_resume_the_uninterrupted_losses(refer
     workdir = tmp_path / 'run'
     process = start(workdir)
     wait_for_step(workdir, 25, process)
+    # Saves finish in the background: under load, step 20's may still be in flight.
+    deadline = time.time() + 120
+    while len(committed_steps(workdir)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
     process.kill()
     process.wait()
     steps = sorted(Checkpointer(workdir / 'checkpoints').all_steps())
