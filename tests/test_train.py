@@ -12,6 +12,7 @@ from bam_jax import train as train_lib
 from bam_jax.models.multicrop import build_network
 from bam_jax.train import optimizer as optimizer_lib
 from bam_jax.train import schedules as schedules_lib
+from bam_jax.train import step as step_lib
 from configs import mnist, vit_base_imagenet, vit_small_imagenet
 from conftest import data_mesh
 
@@ -314,7 +315,6 @@ def test_bfloat16_compute_tracks_float32_and_keeps_float32_state():
 
 def test_cpu_step_gives_ynnpack_the_matmuls_alone(monkeypatch):
     """`CPU_COMPILER_OPTIONS`: fewer step temporaries than XLA:CPU's default, same losses."""
-    from bam_jax.train import step as step_lib
     config = mnist.get_config()  # at 64 images, one block of width 64
     config.update(batch_size=64)
     config.model.update(depth=1, embed_dim=64)
