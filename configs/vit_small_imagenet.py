@@ -87,5 +87,5 @@ def get_config():
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000  # and at every epoch's end
     config.max_checkpoints = 3
-    config.profile_steps = 5  # one clu Profile of this many steps (TensorBoard); 0: none
+    config.profile_steps = 5  # a profiler trace of this many steps (TensorBoard); 0: none
     return config

@@ -20,6 +20,7 @@ from bam_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from bam_jax.evaluate import extract_features, linear
 from bam_jax.models.resnet import ResNet
 from bam_jax.models.vit import vit
+from bam_jax.train import metrics_log
 from conftest import (REPO, SMALL, TINY, changed_copy, corrupt_checkpoint, data_mesh,
                       environment)
 
@@ -207,8 +208,8 @@ def test_probe_progress_every_tenth_with_eta():
     assert linear.progress_epochs(100) == {0, *range(9, 100, 10)}
     assert linear.progress_epochs(3) == {0, 1, 2}
     assert linear.progress_epochs(15) == {0, 1, 2, 4, 5, 7, 8, 10, 11, 13, 14}
-    assert [linear.duration(s) for s in (41.6, 185, 7620)] == ['42 s', '3 min 05 s',
-                                                                 '2 h 07 min']
+    assert [metrics_log.duration(s) for s in (41.6, 185, 7620)] == ['42 s', '3 min 05 s',
+                                                                      '2 h 07 min']
 
 
 def evaluate(*flags):

@@ -19,6 +19,8 @@ import time
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from bam_jax.data import sources
 from bam_jax.train import builder, loop, metrics_log, online
@@ -73,8 +75,9 @@ def reference(small_mnist_run):
 @pytest.fixture(scope='module')
 def learned(tmp_path_factory):
     workdir = tmp_path_factory.mktemp('learned') / 'run'
-    assert finish(start(workdir, '--config.checkpoint_every_steps=20', small=False),
-                  workdir) == 0
+    assert finish(start(workdir, '--config.checkpoint_every_steps=20',
+                        '--config.profile_steps=3', small=False,
+                        python=('-X', 'importtime')), workdir) == 0
     return workdir
 
 
@@ -114,7 +117,34 @@ def test_short_run_learns_and_saves_its_config(learned):
     assert 0 <= trained <= 100 and metrics[STEPS]['knn/student_top5'] >= trained
     assert trained >= random_init_knn() + 1.5
     assert sorted(Checkpointer(learned / 'checkpoints').all_steps()) == [40, 60, 62]
-    assert list(learned.glob('events.out.tfevents.*'))  # TensorBoard
+
+
+def test_tensorboard_shows_the_scalars_hyperparameters_and_profile(learned):
+    """Read back by TensorBoard's own reader: the event files are written without
+    TensorFlow (7 s of every start, not imported by the run), so this proves the format."""
+    accumulator = event_accumulator.EventAccumulator(str(learned), size_guidance={
+        event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    metrics = metrics_log.read_metrics(learned)
+    for name in ('loss', 'learning_rate', 'steps_per_sec', 'knn/student_top1'):
+        logged = {event.step: event.value for event in accumulator.Scalars(name)}
+        expected = {step: scalars[name] for step, scalars in metrics.items()
+                    if name in scalars}
+        assert sorted(logged) == sorted(expected) and logged, name
+        np.testing.assert_allclose([logged[step] for step in sorted(logged)],
+                                   [expected[step] for step in sorted(logged)], rtol=1e-6)
+    assert len(accumulator.Scalars('loss')) == STEPS
+    content = accumulator.PluginTagToContent('hparams')[
+        hparams_metadata.SESSION_START_INFO_TAG]
+    hparams = hparams_metadata.parse_session_start_info_plugin_data(content).hparams
+    assert hparams['batch_size'].number_value == 128
+    assert hparams['model.name'].string_value == load_config().model.name
+    assert list(learned.glob('plugins/profile/*/*.xplane.pb'))  # profile_steps=3
+    log = pathlib.Path(f'{learned}.log').read_text()
+    assert 'Step 62/62 (100%): ' in log
+    imported = {line.rsplit('|', 1)[1].strip() for line in log.splitlines()
+                if line.startswith('import time:')}
+    assert {'jax', 'tensorboard', 'clu'} <= imported and 'tensorflow' not in imported
 
 
 def random_init_knn() -> float:

@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bam_jax.evaluate.features import Features, global_batch, normalize_images
 from bam_jax.evaluate.knn import TOP5, topk_accuracy
 from bam_jax.models.vit import VisionTransformer
+from bam_jax.train.metrics_log import duration
 
 MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-6
@@ -228,16 +229,6 @@ def progress_epochs(epochs: int, parts: int = 10) -> set[int]:
     `1/parts` of the run (every epoch of a short run)."""
     return {0} | {epoch for epoch in range(epochs)
                   if (epoch + 1) * parts // epochs > epoch * parts // epochs}
-
-
-def duration(seconds: float) -> str:
-    """'42 s', '3 min 05 s', '2 h 07 min'."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f'{seconds} s'
-    if seconds < 3600:
-        return f'{seconds // 60} min {seconds % 60:02d} s'
-    return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
 
 
 def linear_probe(features_fn: Callable[[jax.Array], jax.Array],

@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from clu import periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType
 
@@ -178,15 +177,14 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
     # ------------------------------------------------------------------------------
     # Logging and checkpoint helpers.
     # ------------------------------------------------------------------------------
-    writer = metrics_log.create_writer(workdir, main_process=main_process)
+    writer = metrics_log.MetricsLog(workdir, main_process=main_process)
     if start_step == 0:
         writer.write_hparams(dict(_flatten(config.to_dict())))
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.log_every_steps)]
-    if main_process and config.get('profile_steps'):
-        hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
-                                              first_profile=start_step + 10,
-                                              logdir=str(workdir)))
+    progress = metrics_log.Progress(total_steps, start_step)
+    # A trace of `profile_steps` steps into the workdir (TensorBoard's profile tab), from
+    # the 10th step on: after compilation and the input pipeline's warm-up.
+    profile_first = start_step + 10 if main_process and config.get('profile_steps') else None
+    tracing = False
 
     def save(step: int, *, force: bool = False):
         items = dict(data=iterator.get_state(), config=json.loads(
@@ -207,14 +205,14 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
         nonlocal boxes, data_state, iterator, evaluation
         if knn is not None and ((epoch + 1) % config.knn.every_epochs == 0
                                 or epoch + 1 == config.epochs):
-            with hooks[0].timed('knn'):
+            with progress.timed('knn'):
                 evaluation = knn(state)
             writer.write_scalars(step, evaluation)
         restart_input = False
         if use_ccrop:
             warmup, interval = config.data.ccrop_warmup_epochs, config.data.ccrop_loc_interval
             if ccrop.update_boxes_after(epoch, config.epochs, warmup, interval):
-                with hooks[0].timed('contrastive_crop_boxes'):
+                with progress.timed('contrastive_crop_boxes'):
                     boxes = online.contrastive_crop_boxes(config, backbone, state,
                                                           train_source, mesh)
                 restart_input = ccrop.use_boxes_in(epoch + 1, warmup, interval)
@@ -246,14 +244,20 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
             previous = metrics
             history.append(metrics)
             step += 1
-            for hook in hooks:
-                hook(step)
+            if step == profile_first:
+                jax.profiler.start_trace(str(workdir))
+                tracing = True
+            elif tracing and step == profile_first + config.profile_steps:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+                tracing = False
 
             if step % config.log_every_steps == 0 or step == total_steps:
                 scalars = {name: float(np.mean([float(m[name]) for m in history]))
                            for name in history[-1]}
                 elapsed = time.time() - interval_start
                 scalars['images_per_sec'] = len(history) * config.batch_size / elapsed
+                scalars['steps_per_sec'] = progress.report(step)
                 scalars['bad_images'] = float(iterator.bad_count)
                 writer.write_scalars(step, scalars)
                 history, interval_start = [], time.time()
@@ -272,6 +276,8 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
                 _check_finite(step, metrics)
                 save(step, force=step == total_steps or epoch_done)
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         preemption.restore()
         checkpointer.wait_until_finished()
         if hasattr(iterator, 'close'):
