@@ -9,8 +9,13 @@ import subprocess
 import sys
 import tempfile
 
+# XLA:CPU's LLVM back end at -O0 in the tests and the runs they start: they compile hundreds
+# of tiny programs and run each a few times, so LLVM's optimisation was most of their time
+# (-40 % CPU on test_loss and test_train). A run that executes long passes `optimized=True`:
+# the learned run is 50 % slower at -O0. Numerics are XLA's either way (same HLO, no fast math).
+FAST_COMPILE = '--xla_backend_optimization_level=0'
 os.environ['XLA_FLAGS'] = ' '.join(
-    [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8'])
+    [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8', FAST_COMPILE])
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Label files of the generated data sets go to a scratch directory, not ~/.cache.
 os.environ.setdefault('BAM_JAX_LABEL_CACHE', tempfile.mkdtemp(prefix='bam_jax_labels_'))
@@ -51,21 +56,26 @@ SMALL = ('--config.model.embed_dim=32', '--config.model.depth=1', '--config.mode
          '--config.crops.n_local=2', '--config.knn.every_epochs=0')
 
 
-def command(workdir, *flags, config=TINY):
-    return [sys.executable, str(REPO / 'train.py'), f'--config={config}',
+def command(workdir, *flags, config=TINY, python=()):
+    """`python [python] train.py --config=config --workdir=workdir [flags]`."""
+    return [sys.executable, *python, str(REPO / 'train.py'), f'--config={config}',
             f'--workdir={workdir}', *flags]
 
 
-def environment(devices: int) -> dict:
+def environment(devices: int, optimized: bool = False) -> dict:
+    """A subprocess's environment: `devices` CPU devices; LLVM -O0 unless `optimized`."""
+    flags = f'--xla_force_host_platform_device_count={devices}'
     return dict(os.environ, JAX_PLATFORMS='cpu',
-                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+                XLA_FLAGS=flags if optimized else f'{flags} {FAST_COMPILE}')
 
 
-def start(workdir, *flags, devices=4, small=True):
-    """A background run (the small network unless `small=False`) logging to `workdir.log`."""
+def start(workdir, *flags, devices=4, small=True, python=()):
+    """A background run logging to `workdir.log`: the small network (LLVM -O0), or with
+    `small=False` the config's own (fully optimised: its steps dominate)."""
     log = open(f'{workdir}.log', 'a')
     flags = (*SMALL, *flags) if small else flags
-    return subprocess.Popen(command(workdir, *flags), env=environment(devices), cwd=REPO,
+    return subprocess.Popen(command(workdir, *flags, python=python),
+                            env=environment(devices, optimized=not small), cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT)
 
 

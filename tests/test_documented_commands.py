@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
-import os
 import pathlib
 import re
 import shlex
@@ -23,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, environment
 
 COMMAND = re.compile(r'^(?:\.venv/bin/)?python3? (?:train\.py|-m bam_jax\.(?:export|evaluate|'
                      r'data\.convert))\b')
@@ -142,8 +141,7 @@ def test_every_documented_command_runs(tmp_path, user_data_paths):
     bucket = tmp_path / 'bucket'
     bucket.mkdir()
     replacements = {**user_data_paths, 'gs://BUCKET': str(bucket)}
-    environment = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu',
-                       XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    env = dict(environment(1), PYTHONPATH=str(REPO))
     lanes: dict[str, list] = {'mnist': [], 'data': []}
     seen = {}
     for where, command in documented_commands():
@@ -161,7 +159,7 @@ def test_every_documented_command_runs(tmp_path, user_data_paths):
         results = []
         for where, command, argv in commands:
             start = time.time()
-            result = subprocess.run(argv, cwd=scratch, env=environment, capture_output=True,
+            result = subprocess.run(argv, cwd=scratch, env=env, capture_output=True,
                                     text=True, timeout=600)
             results.append((where, command, result, time.time() - start))
         return results
