@@ -9,11 +9,12 @@ import subprocess
 import sys
 import tempfile
 
-# XLA:CPU's LLVM back end at -O0 in the tests and the runs they start: they compile hundreds
-# of tiny programs and run each a few times, so LLVM's optimisation was most of their time
-# (-40 % CPU on test_loss and test_train). A run that executes long passes `optimized=True`:
-# the learned run is 50 % slower at -O0. Numerics are XLA's either way (same HLO, no fast math).
-FAST_COMPILE = '--xla_backend_optimization_level=0'
+# XLA:CPU's LLVM back end at -O0, in one piece, in the tests and the runs they start: they
+# compile hundreds of tiny programs and run each a few times, so LLVM's optimisation was most
+# of their time (-45 % CPU on test_loss and test_train). A run that executes long passes
+# `optimized=True`: the learned run is 50 % slower at -O0. The HLO and its numerics are the
+# same (no fast math).
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_cpu_parallel_codegen_split_count=1'
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8', FAST_COMPILE])
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -23,6 +24,9 @@ os.environ.setdefault('BAM_JAX_LABEL_CACHE', tempfile.mkdtemp(prefix='bam_jax_la
 # tests that build the same step load the executable instead of compiling it again. Set
 # here, in the process that starts the test workers, so they and their subprocesses share it.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='bam_jax_xla_'))
+# Every program, not only those that took over a second: a run compiles dozens of small ones
+# (orbax's slices of each parameter at the first save, eager ops) that the next run reuses.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import jax  # noqa: E402  (after the flags)
 import pytest  # noqa: E402
