@@ -112,6 +112,7 @@ class MetricsLog:
         self._events.write(step, summary_pb2.Summary(value=[
             summary_pb2.Summary.Value(tag=name, simple_value=value)
             for name, value in scalars.items()]))
+        self._events.flush()  # a TensorBoard open on the run sees every log as it comes
 
     def flush(self):
         self._pool.join()
