@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from bam_jax.data import crops as crops_lib
+from bam_jax.data import pipeline
 from bam_jax.data import sources
 
 # The official eval transform crops 224 of 256: the same fraction at other sizes.
@@ -160,7 +161,7 @@ def make_eval_input(source, *, image_size: int, batch_size: int,
         load_example, source=source, resize_size=resize_size, image_size=image_size,
         squash=squash, random_crop=random_crop, crop_scale=crop_scale,
         flip_prob=flip_prob))
-    dataset = dataset.batch(batch_size).to_iter_dataset()
+    dataset = dataset.batch(batch_size).to_iter_dataset(pipeline.read_options(source))
     if num_workers:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return EvalInput(dataset, num_batches=len(slots) // batch_size, batch_size=batch_size,
