@@ -18,6 +18,9 @@ from bam_jax.data import convert as convert_lib
 from bam_jax.data import crops as crops_lib
 from bam_jax.data import sources
 
+# Its module fixtures (a TFDS build, the command's output: 33 s) are built by one worker.
+pytestmark = pytest.mark.xdist_group('data_convert')
+
 NAME = 'convert_photos'
 SPLITS = {'train': 30, 'validation': 12}
 NUM_SHARDS = 3
