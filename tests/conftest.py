@@ -9,13 +9,11 @@ import subprocess
 import sys
 import tempfile
 
-# XLA:CPU's LLVM back end at -O0, in one piece, in the test workers: they compile hundreds
-# of tiny programs and run each a few times, so LLVM's optimisation was most of their time
-# (-45 % CPU on test_loss and test_train). The `train.py` runs they start are optimised as
-# users get them: their programs are compiled once into the session's cache and loaded by
-# every later run of the same network, whose steps then dominate (a 62-step run of the
-# small network, cached: 21.3 s of CPU at -O0, 15.6 s optimised). The HLO and its numerics
-# are the same (no fast math).
+# XLA:CPU's LLVM back end at -O0, in one piece, in the tests and the runs they start: they
+# compile hundreds of tiny programs and run each a few times, so LLVM's optimisation was most
+# of their time (-45 % CPU on test_loss and test_train). A run that executes long passes
+# `optimized=True`: the learned run is 50 % slower at -O0. The HLO and its numerics are the
+# same (no fast math).
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_cpu_parallel_codegen_split_count=1'
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8', FAST_COMPILE])
@@ -68,19 +66,20 @@ def command(workdir, *flags, config=TINY, python=()):
             f'--workdir={workdir}', *flags]
 
 
-def environment(devices: int) -> dict:
-    """A subprocess's environment: `devices` CPU devices, XLA's default optimisation."""
+def environment(devices: int, optimized: bool = False) -> dict:
+    """A subprocess's environment: `devices` CPU devices; LLVM -O0 unless `optimized`."""
+    flags = f'--xla_force_host_platform_device_count={devices}'
     return dict(os.environ, JAX_PLATFORMS='cpu',
-                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+                XLA_FLAGS=flags if optimized else f'{flags} {FAST_COMPILE}')
 
 
 def start(workdir, *flags, devices=4, small=True, python=()):
-    """A background run logging to `workdir.log`: the small network, or with `small=False`
-    the config's own."""
+    """A background run logging to `workdir.log`: the small network (LLVM -O0), or with
+    `small=False` the config's own (fully optimised: its steps dominate)."""
     log = open(f'{workdir}.log', 'a')
     flags = (*SMALL, *flags) if small else flags
     return subprocess.Popen(command(workdir, *flags, python=python),
-                            env=environment(devices), cwd=REPO,
+                            env=environment(devices, optimized=not small), cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT)
 
 
