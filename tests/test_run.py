@@ -75,8 +75,9 @@ def reference(small_mnist_run):
 @pytest.fixture(scope='module')
 def learned(tmp_path_factory):
     workdir = tmp_path_factory.mktemp('learned') / 'run'
+    # One device, as `python train.py` has on a CPU (4 simulated ones: 80 s, not 64).
     assert finish(start(workdir, '--config.checkpoint_every_steps=20',
-                        '--config.profile_steps=3', small=False,
+                        '--config.profile_steps=3', small=False, devices=1,
                         python=('-X', 'importtime')), workdir) == 0
     return workdir
 
