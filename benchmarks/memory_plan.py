@@ -193,26 +193,38 @@ def plan(config, mesh, chip: Chip | None = None, images_per_core: float = IMAGES
                                      builder.crop_shapes(config, config.batch_size))}
     batch['seed'] = jax.ShapeDtypeStruct((config.batch_size, 2), jnp.uint32,
                                          sharding=batch_sharding(mesh, 'seed'))
+    state_bytes = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                      for leaf in jax.tree.leaves(training.state))  # on one device
+    images_per_chip = config.batch_size / n_devices
+    row = dict(embed_dim=config.model.embed_dim, depth=config.model.depth,
+               remat=bool(config.model.remat), shard_state=bool(config.shard_state),
+               platform=platform, devices=n_devices,
+               compute_dtype=str(compute_dtype(config, platform)),
+               images_per_chip=images_per_chip, state_gib=state_bytes / GIB)
     start = time.perf_counter()
-    compiled = training.train_step.lower(training.state, batch).compile()
+    try:
+        compiled = training.train_step.lower(training.state, batch).compile()
+    except jax.errors.JaxRuntimeError as error:
+        # libtpu refuses a program whose temporaries exceed the chip's HBM: a row that
+        # does not fit, with what the compiler says it needs, and the grid goes on.
+        refusal = [line.strip() for line in str(error).splitlines()
+                   if 'RESOURCE_EXHAUSTED' in line and 'HLO temporaries (' in line]
+        if chip is None or not refusal:
+            raise
+        needed = re.search(r'HLO temporaries \(([\d.]+)G\)', refusal[0]).group(1)
+        return dict(row, compile_seconds=time.perf_counter() - start,
+                    temp_gib=float(needed), hbm_gib=chip.hbm_gib, fits=False,
+                    refused=refusal[0])
     compile_seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     costs = cost(compiled)
     flops, bytes_accessed = float(costs['flops']), float(costs['bytes accessed'])
     # Remat shows as more matmuls (the forward recomputed).
     n_matmuls = len(re.findall(r' (?:dot|convolution)\(', compiled.as_text()))
-    state_bytes = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-                      for leaf in jax.tree.leaves(training.state))  # on one device
     batch_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in batch.values())
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-    images_per_chip = config.batch_size / n_devices
-    row = dict(embed_dim=config.model.embed_dim, depth=config.model.depth,
-               remat=bool(config.model.remat), shard_state=bool(config.shard_state),
-               platform=platform, devices=n_devices,
-               compute_dtype=str(compute_dtype(config, platform)),
-               images_per_chip=images_per_chip, compile_seconds=compile_seconds,
-               matmul_ops=n_matmuls, state_gib=state_bytes / GIB,
+    row.update(compile_seconds=compile_seconds, matmul_ops=n_matmuls,
                batch_gib=batch_bytes / n_devices / GIB,
                argument_gib=memory.argument_size_in_bytes / GIB,
                output_not_aliased_gib=(memory.output_size_in_bytes
@@ -239,7 +251,7 @@ def saved_rows(logs: list[str], images_per_core: float) -> list[dict]:
         with open(log) as lines:
             rows += [json.loads(line[4:]) for line in lines if line.startswith('row {')]
     for row in rows:
-        if row['target'] in TOPOLOGIES:
+        if row['target'] in TOPOLOGIES and 'flops_per_chip' in row:
             row.update(roofline(row['flops_per_chip'], row['bytes_per_chip'],
                                 row['images_per_chip'], TOPOLOGIES[row['target']],
                                 row['chips_per_host'], images_per_core))
@@ -256,6 +268,13 @@ def print_table(rows: list[dict]) -> None:
           f"{'MXU ms':>6} {'HBM ms':>6} {'img/s/chip':>10} {'img/s/host':>10} "
           f"{'cores':>5} {'compile s':>9}")
     for row in rows:
+        if 'refused' in row:  # not compiled: does not fit
+            print(f"{row['target']:<8} {LABELS.get(row['variant'], row['variant']):<9} "
+                  f"{'shard' if row['shard_state'] else 'repl':<5} "
+                  f"{'yes' if row['remat'] else 'no':<5} {row['compute_dtype']:<8} "
+                  f"{row['state_gib']:6.2f} {row['temp_gib']:6.2f} {'':>6} {'NO':>4}  "
+                  f"refused by the compiler: {row['refused']}")
+            continue
         roof = 'roofline_step_s' in row
         cells = [f"{row['target']:<8}", f"{LABELS.get(row['variant'], row['variant']):<9}",
                  f"{'shard' if row['shard_state'] else 'repl':<5}",
@@ -316,7 +335,7 @@ def main():
         print('row', json.dumps(row), file=sys.stderr, flush=True)
     print_table(rows)
     for row in rows:
-        if row['largest_temporaries']:
+        if row.get('largest_temporaries'):
             print(f"\nlargest temporaries, {row['target']} {row['variant']} "
                   f"shard_state={row['shard_state']} remat={row['remat']}:")
             for shape, gib in row['largest_temporaries']:

