@@ -3,7 +3,7 @@ r"""BAM on the embedded MNIST digits: the default of `python train.py`, minutes 
 The method is the paper's (teacher, multi-crop, Sinkhorn targets, positive masking);
 only sizes are scaled to 32 px digits and a 2-core CPU: a ViT of width 256 and depth 4
 on 16 px patches, 2 global crops of 32 px and 4 local crops of 16 px, a narrow
-projector, 20 epochs (about 5 minutes on 2 idle cores, kNN included).
+projector, 20 epochs (about 7 minutes on 2 idle Xeon cores, kNN included).
 
 Why 16 px patches (2 × 2 per digit): BAM's targets are the teacher's own similarities,
 so training refines the neighbourhoods the backbone starts with. A random ViT's CLS
