@@ -77,40 +77,40 @@ def step_gemms(config) -> dict[tuple[int, int, int, int], int]:
     return dict(gemms)
 
 
+def product_seconds(gemms, repeats: int, operand, product) -> list[float]:
+    """Best time of each product alone, C or Cᵀ (C = A·B), whichever is faster.
+
+    `operand(shape)` makes a random fp32 array, `product(a, b)` multiplies and waits.
+    """
+    seconds = []
+    for batch, m, k, n in gemms:
+        best = float('inf')
+        for rows, columns in ((m, n), (n, m)):
+            a, b = operand((batch, rows, k)), operand((batch, k, columns))
+            product(a, b)  # compiles (XLA), warms up
+            best = min(best, _peak.best_seconds(lambda: product(a, b), repeats))
+        seconds.append(best)
+    return seconds
+
+
 def xla_seconds(gemms, repeats: int) -> list[float]:
-    """Best time of each product alone in XLA, C or Cᵀ (C = A·B), whichever is faster."""
     import jax
     import jax.numpy as jnp
 
-    product = jax.jit(jnp.matmul)
+    jitted = jax.jit(jnp.matmul)
     rng = np.random.default_rng(0)
-    seconds = []
-    for batch, m, k, n in gemms:
-        best = float('inf')
-        for rows, columns in ((m, n), (n, m)):
-            a = jax.device_put(rng.standard_normal((batch, rows, k), dtype=np.float32))
-            b = jax.device_put(rng.standard_normal((batch, k, columns), dtype=np.float32))
-            product(a, b).block_until_ready()
-            best = min(best, _peak.best_seconds(
-                lambda: product(a, b).block_until_ready(), repeats))
-        seconds.append(best)
-    return seconds
+    return product_seconds(
+        gemms, repeats,
+        lambda shape: jax.device_put(rng.standard_normal(shape, dtype=np.float32)),
+        lambda a, b: jitted(a, b).block_until_ready())
 
 
 def torch_seconds(gemms, repeats: int) -> list[float]:
-    """The same in PyTorch (its BLAS), with all the machine's threads as torch_step.py."""
+    """In PyTorch (its BLAS), with all the machine's threads as torch_step.py."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    seconds = []
-    for batch, m, k, n in gemms:
-        best = float('inf')
-        for rows, columns in ((m, n), (n, m)):
-            a, b = torch.randn(batch, rows, k), torch.randn(batch, k, columns)
-            torch.matmul(a, b)
-            best = min(best, _peak.best_seconds(lambda: torch.matmul(a, b), repeats))
-        seconds.append(best)
-    return seconds
+    return product_seconds(gemms, repeats, lambda shape: torch.randn(*shape), torch.matmul)
 
 
 def main():
@@ -123,8 +123,7 @@ def main():
         print(json.dumps(torch_seconds(json.load(sys.stdin), args.repeats)))
         return
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-    import train_step
+    import train_step  # (puts the repository on the path for bam_jax)
 
     gemms = step_gemms(train_step.tiny_config())
     shapes = sorted(gemms, key=lambda shape: -np.prod(shape) * gemms[shape])
