@@ -37,9 +37,11 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from bam_jax import export
 from bam_jax.data import eval_input, sources
 from bam_jax.evaluate import features as features_lib
+from bam_jax.evaluate import fewshot as fewshot_lib
 from bam_jax.evaluate import knn as knn_lib
 from bam_jax.evaluate import linear as linear_lib
 from bam_jax.models.multicrop import build_network
+from bam_jax.models.vit import VisionTransformer
 from bam_jax.train.builder import crop_shapes
 from bam_jax.train.state import create_train_state
 
@@ -122,7 +124,8 @@ def protocol_config(config, run_config, overrides: Mapping[str, Any],
 def resolve_data(config, run_config) -> ml_collections.ConfigDict:
     """The evaluation's data settings: `config.data`, unset keys from the run's config."""
     data, knn = config.data, run_config.knn
-    defaults = dict(train_split=run_config.data.split, test_split=knn.val_split,
+    defaults = dict(train_split=knn.get('train_split') or run_config.data.split,
+                    test_split=knn.val_split,
                     image_size=knn.image_size, resize_size=knn.resize_size,
                     batch_size=knn.batch_size, train_fraction=knn.train_fraction)
     resolved = {key: default if data[key] is None else data[key]
@@ -308,10 +311,9 @@ class Evaluation:
         return result.summary()
 
     def fewshot(self) -> dict[str, Any]:
-        from bam_jax.evaluate.fewshot import few_shot
         options = self.config.fewshot.to_dict()
         features, labels = self._split_rows(options.pop('split'))
-        return few_shot(features, labels, **options)
+        return fewshot_lib.few_shot(features, labels, **options)
 
     def retrieval(self) -> dict[str, Any]:
         from bam_jax.evaluate.retrieval import recall_at_k
@@ -338,8 +340,40 @@ class Evaluation:
                                     image_size=self.data.image_size)
         return {'images': len(paths), 'files': [path.name for path in paths]}
 
+    def _clamp(self, protocols: list[str]):
+        """Settings the backbone or the data cannot give, clamped with one line each:
+        the defaults suit ViT-S on ImageNet, not a 2-block ViT, a ResNet or 4 classes."""
+        linear = self.config.linear
+        if 'linear' in protocols and self.subject.kind != 'pixels':
+            blocks = getattr(self.subject.backbone, 'depth', None)
+            if not isinstance(self.subject.backbone, VisionTransformer):
+                blocks = 1  # one pooled vector
+                if linear.avgpool:
+                    self.log('linear: a pooled backbone has no patch tokens; avgpool=False')
+                    linear.avgpool = False
+            if linear.n_last_blocks > blocks:
+                self.log(f'linear: n_last_blocks={linear.n_last_blocks} clamped to {blocks}, '
+                         f'all that the {type(self.subject.backbone).__name__} gives')
+                linear.n_last_blocks = blocks
+        if 'fewshot' in protocols:
+            fewshot = self.config.fewshot
+            labels = self.train_labels if fewshot.split == 'train' else (
+                eval_input.source_labels(self.test_source))
+            classes = fewshot_lib.eligible_classes(labels, fewshot.n_shot + fewshot.n_query)
+            if 2 <= classes < fewshot.n_way:
+                self.log(f'fewshot: n_way={fewshot.n_way} clamped to {classes}, the classes '
+                         f'of the {fewshot.split} split with {fewshot.n_shot} + '
+                         f'{fewshot.n_query} examples')
+                fewshot.n_way = classes
+            elif classes < 2:
+                raise EvaluationError(
+                    f'fewshot: the {fewshot.split} split has {classes} classes with '
+                    f'fewshot.n_shot + fewshot.n_query = {fewshot.n_shot + fewshot.n_query} '
+                    'examples, and an episode needs 2; lower --config.fewshot.n_query')
+
     def check(self, protocols: list[str]):
         """Settings errors before any feature is computed."""
+        self._clamp(protocols)
         if 'attention' in protocols:
             from bam_jax.evaluate.attention import check_backbone
             try:
