@@ -19,6 +19,8 @@ numbers (tested against timm with timm's draws forced to these), jittable:
 
 `draw` makes the random numbers from a JAX key, `apply` is a pure function of them, so a
 test can hand timm the same numbers. timm's `cutmix_minmax` box is not implemented.
+timm under DDP mixes each GPU's batch: call this per device (under `shard_map`, a key per
+device) for the same partners and no cross-device flip.
 """
 
 from __future__ import annotations
