@@ -91,6 +91,10 @@ def test_validation_carve_is_class_balanced_and_skips_padding():
     mask = logreg.validation_mask(labels, valid, 0.2, seed=0)
     assert not mask[:10].any()
     assert np.bincount(labels[mask], minlength=4).tolist() == [5] * 4  # floor(110·0.2 / 4)
+    mesh = data_mesh(1)
+    split = logreg.shard_rows(*blobs(40, seed=0), mesh)
+    with pytest.raises(ValueError, match='the validation or the training part is empty'):
+        logreg.transfer(split, split, mesh=mesh, num_classes=CLASSES, validation_fraction=1.0)
 
 
 def test_command_on_mnist_pixels(tmp_path):

@@ -122,6 +122,11 @@ def accuracy(params, features, labels, weights, *, mesh, axis_name='data') -> fl
     return 100.0 * float(correct) / float(count)
 
 
+def zeros(dim: int, num_classes: int) -> dict[str, jax.Array]:
+    return {'kernel': jnp.zeros((dim, num_classes), jnp.float32),
+            'bias': jnp.zeros((num_classes,), jnp.float32)}
+
+
 @functools.partial(jax.jit, static_argnames=('mesh', 'num_classes', 'axis_name'))
 def fit(features, labels, weights, l2, *, num_classes: int, mesh, init=None,
         max_iters=1000, tol=1e-4, axis_name='data') -> Fit:
@@ -134,8 +139,7 @@ def fit(features, labels, weights, l2, *, num_classes: int, mesh, init=None,
     features = features.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
     if init is None:
-        init = {'kernel': jnp.zeros((features.shape[1], num_classes), jnp.float32),
-                'bias': jnp.zeros((num_classes,), jnp.float32)}
+        init = zeros(features.shape[1], num_classes)
     value_fn = functools.partial(objective, features=features, labels=labels,
                                  weights=weights, l2=l2, mesh=mesh, axis_name=axis_name)
     solver = optax.lbfgs()
@@ -213,7 +217,11 @@ def transfer(train: Features, test: Features, *, mesh: jax.sharding.Mesh,
         both = _concatenate(train, validation)
         both_rows = usable(both)
 
-    sweep, fits, params = [], [], None
+    if float(jnp.sum(val_rows)) == 0 or float(jnp.sum(fit_rows)) == 0:
+        raise ValueError('logreg: the validation or the training part is empty; use another '
+                         'validation_fraction or validation_split.')
+    # Zeros, not None, for the first fit: every fit of the sweep is one compiled program.
+    sweep, fits, params = [], [], zeros(train.features.shape[1], num_classes)
     for l2 in lambdas(num_lambdas, *lambda_range):
         fitted = run(train.features, train.labels, fit_rows, np.float32(l2), init=params)
         params = fitted.params
