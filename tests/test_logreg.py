@@ -63,22 +63,26 @@ def test_fit_matches_scikit_learn_and_sharding_changes_nothing():
 
 
 def test_sweep_picks_the_lambda_scikit_learn_picks():
-    x, y = blobs(300, seed=3)
-    x_val, y_val = blobs(200, seed=4)
+    """On the carved split: the validation top-1 of every λ, the λ picked and the refit's
+    test top-1 are scikit-learn's on the same rows."""
+    x, y = blobs(500, seed=3)
     x_test, y_test = blobs(1000, seed=5)
     mesh = data_mesh(4)
     result = logreg.transfer(
         logreg.shard_rows(x, y, mesh), logreg.shard_rows(x_test, y_test, mesh), mesh=mesh,
-        num_classes=CLASSES, validation=logreg.shard_rows(x_val, y_val, mesh), num_lambdas=8,
+        num_classes=CLASSES, num_lambdas=8, validation_fraction=0.4,
         lambda_range=(1e-4, 1e3), tol=1e-6)  # at 1e-6, κ = 1e6: float32 L-BFGS stops short
+    held_out = logreg.validation_mask(y, np.ones(len(y), bool), 0.4, seed=0)
+    assert held_out.sum() == 200  # 40 of each class
     values = logreg.lambdas(8, 1e-4, 1e3)
     assert [row['lambda'] for row in result['sweep']] == pytest.approx(list(values))
-    theirs = [100 * scikit_learn(x, y, l2).score(x_val, y_val) for l2 in values]
+    theirs = [100 * scikit_learn(x[~held_out], y[~held_out], l2).score(x[held_out],
+                                                                       y[held_out])
+              for l2 in values]
     np.testing.assert_allclose([row['top1'] for row in result['sweep']], theirs, atol=0.1)
     assert theirs[-1] < max(theirs) > theirs[0]  # a choice: neither end of the range
     assert result['lambda'] == pytest.approx(values[int(np.argmax(theirs))])
-    both_x, both_y = np.concatenate([x, x_val]), np.concatenate([y, y_val])
-    refit = scikit_learn(both_x, both_y, result['lambda'])
+    refit = scikit_learn(x, y, result['lambda'])  # on train + validation
     assert abs(result['top1'] - 100 * refit.score(x_test, y_test)) <= 0.1
     assert result['train_rows'] == 500
     assert result['C'] == pytest.approx(logreg.sklearn_c(result['lambda'], 500))
@@ -97,16 +101,30 @@ def test_validation_carve_is_class_balanced_and_skips_padding():
         logreg.transfer(split, split, mesh=mesh, num_classes=CLASSES, validation_fraction=1.0)
 
 
-def test_command_on_mnist_pixels(tmp_path):
+def test_command_on_mnist_pixels_with_a_named_validation_split(tmp_path):
+    """The command, with MNIST's test split standing in for a validation split (the
+    default carve is tested above): the refit takes train + that split."""
     out = tmp_path / 'logreg.json'
     result = evaluate('--run_config=configs/mnist.py', '--features=pixels',
                       '--config.pixels_size=8', '--config.protocols=logreg',
                       '--config.logreg.num_lambdas=3', '--config.logreg.max_iters=60',
-                      '--out', out)
+                      '--config.logreg.validation_split=test', '--out', out)
     numbers = succeeded(result, out)['results']['logreg']
     assert [row['lambda'] for row in numbers['sweep']] == pytest.approx([1e5, 0.3162, 1e-6],
                                                                          rel=1e-3)
     best = max(numbers['sweep'], key=lambda row: row['top1'])
     assert (numbers['lambda'], numbers['validation_top1']) == (best['lambda'], best['top1'])
-    assert numbers['train_rows'] == 4000  # the refit: train + the carved validation
+    assert numbers['train_rows'] == 5000  # 4,000 train + 1,000 validation digits
     assert 80 < numbers['top1'] <= 100  # raw 8×8 pixels; chance: 10
+
+
+def test_a_missing_validation_split_is_named_before_any_feature():
+    from bam_jax.evaluate import runner
+    from configs import evaluate as evaluate_config, mnist
+
+    config = evaluate_config.get_config()
+    config.logreg.validation_split = 'nope'
+    evaluation = runner.Evaluation(config, mnist.get_config(),
+                                   runner.Subject('pixels', None, None, {}))
+    with pytest.raises(runner.EvaluationError, match="validation_split: .*not 'nope'"):
+        evaluation.check(['logreg'])
