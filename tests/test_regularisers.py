@@ -124,8 +124,8 @@ def erasing_job(name, settings, seed, batch=12):
 DEIT = mixup.MixupSettings(num_classes=CLASSES)
 MIXUP_CASES = {f'deit_batch_{seed}': (DEIT, seed) for seed in range(6)}
 MIXUP_CASES.update({
-    'half_batch': (dataclasses.replace(DEIT, prob=0.5), 6),
-    'half_batch_off': (dataclasses.replace(DEIT, prob=0.5), 9),
+    'half_batch': (dataclasses.replace(DEIT, prob=0.5), 11),  # applied: mixup
+    'half_batch_off': (dataclasses.replace(DEIT, prob=0.5), 9),  # not applied
     'pair': (dataclasses.replace(DEIT, mode='pair', prob=0.7), 7),
     'elem': (dataclasses.replace(DEIT, mode='elem', prob=0.7), 8),
     'cutmix_only': (dataclasses.replace(DEIT, mixup_alpha=0.0, correct_lam=False), 10),
@@ -161,8 +161,8 @@ def test_mixup_and_cutmix_equal_timms(compared):
     seen = set()
     for name in MIXUP_CASES:
         (images, targets, (applied, cutmix, lam)), theirs = ours[name], timm
-        # Pixels copied by CutMix are equal; blends differ by float rounding only (timm
-        # computes 1 - λ in float64).
+        # Equal on the development CPU (targets within 3e-8); a blend may round apart in
+        # the last bit elsewhere (timm takes 1 - λ in float64; XLA may fuse the FMA).
         np.testing.assert_allclose(images, theirs[f'{name}/images'], rtol=0, atol=2e-6,
                                    err_msg=name)
         np.testing.assert_allclose(targets, theirs[f'{name}/targets'], rtol=0, atol=1e-6,
