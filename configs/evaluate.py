@@ -68,7 +68,9 @@ def get_config():
         # L-BFGS iterations per fit. Ours: scikit-learn's default (100) stops short at
         # small λ; the papers fit to convergence.
         max_iters=1000,
-        tol=1e-4,  # on the mean objective's gradient norm: scikit-learn's default tol
+        # On the mean objective's gradient norm: scikit-learn's default tol value (it
+        # bounds the largest gradient component there).
+        tol=1e-4,
         seed=0))  # of the validation carve (balanced_subset's; official kNN: 0)
 
     config.fewshot = ml_collections.ConfigDict(dict(
