@@ -52,6 +52,7 @@ SHRINK_MNIST = ('--config.model.embed_dim=32', '--config.model.depth=1',
                 '--config.projector.out_dim=32', '--config.crops.n_local=2',
                 '--config.epochs=1')
 SHRINK_EVALUATE = ('--config.linear.epochs=1', '--config.fewshot.n_episodes=10',
+                   '--config.logreg.num_lambdas=2', '--config.logreg.max_iters=20',
                    '--config.kmeans.n_init=1', '--config.attention.num_images=2')
 SHRINK_CONVERT = ('--workers', '1')
 

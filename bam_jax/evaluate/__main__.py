@@ -1,5 +1,5 @@
-r"""Evaluates a frozen backbone with every protocol: kNN, linear probe, few-shot, retrieval,
-k-means, attention maps.
+r"""Evaluates a frozen backbone with every protocol: kNN, linear probe, L-BFGS logistic
+regression, few-shot, retrieval, k-means, attention maps.
 
   python -m bam_jax.evaluate --workdir DIR [--step N] [--weights teacher|student] \
     [--features checkpoint|random|pixels] [--out FILE.json] [--config.<key>=<value> ...]
@@ -96,13 +96,19 @@ def _output_paths(out: str | None, protocols) -> tuple[pathlib.Path | None,
     return out, attention
 
 
+def _number(value) -> str:
+    """Two decimals; three significant digits for what two decimals would hide (λ)."""
+    if not isinstance(value, float):
+        return str(value)
+    return f'{value:.2f}' if value == 0 or 0.01 <= abs(value) < 1e6 else f'{value:.3g}'
+
+
 def _table(results) -> list[str]:
     rows = [('protocol', 'metric', 'value')]
     for protocol, numbers in results.items():
         for name, value in numbers.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.append((protocol, name, f'{value:.2f}' if isinstance(value, float)
-                             else str(value)))
+                rows.append((protocol, name, _number(value)))
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     return [f'{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}'
             for row in rows]

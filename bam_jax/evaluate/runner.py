@@ -10,9 +10,10 @@ initialisation (the run's own seed: its step-0 backbone), or raw pixels (the eva
 crops resized to `config.pixels_size` and flattened): the README's baselines.
 
 The train and test splits' features are extracted once, sharded over all devices, and
-shared by kNN, few-shot, retrieval and k-means; the linear probe runs the backbone on
-its own augmented crops (`bam_jax.evaluate.linear`). Few-shot, retrieval, k-means and
-the attention figures live in their own modules, imported only when asked for.
+shared by kNN, the L-BFGS logistic regression, few-shot, retrieval and k-means; the
+linear probe runs the backbone on its own augmented crops (`bam_jax.evaluate.linear`).
+The logistic regression, few-shot, retrieval, k-means and the attention figures live in
+their own modules, imported only when asked for.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ from bam_jax.models.vit import VisionTransformer
 from bam_jax.train.builder import crop_shapes
 from bam_jax.train.state import create_train_state
 
-PROTOCOLS = ('knn', 'linear', 'fewshot', 'retrieval', 'kmeans', 'attention')
+PROTOCOLS = ('knn', 'linear', 'logreg', 'fewshot', 'retrieval', 'kmeans', 'attention')
 FEATURES = ('checkpoint', 'random', 'pixels')
 # Protocols on the shared (CLS / pooled) features of the two splits.
-SHARED = ('knn', 'fewshot', 'retrieval', 'kmeans')
+SHARED = ('knn', 'logreg', 'fewshot', 'retrieval', 'kmeans')
 
 
 class EvaluationError(ValueError):
@@ -310,6 +311,26 @@ class Evaluation:
             seed=settings.seed, log=self.log)
         return result.summary()
 
+    def logreg(self) -> dict[str, Any]:
+        from bam_jax.evaluate import logreg as logreg_lib
+        options = self.config.logreg.to_dict()
+        source = self._logreg_validation_source(options.pop('validation_split'))
+        validation = (None if source is None
+                      else self._extract(self._features_fn(), self._input(source)))
+        train, test = self.shared_features()
+        options['lambda_range'] = tuple(options['lambda_range'])
+        return logreg_lib.transfer(train, test, mesh=self.mesh, num_classes=self.num_classes,
+                                   validation=validation, **options)
+
+    def _logreg_validation_source(self, split: str | None):
+        """The source of `config.logreg.validation_split`; None: carve it from train."""
+        if split is None:
+            return None
+        try:
+            return sources.make_source(self.run_config.data, split)
+        except sources.DataError as error:
+            raise EvaluationError(f'config.logreg.validation_split: {error}') from None
+
     def fewshot(self) -> dict[str, Any]:
         options = self.config.fewshot.to_dict()
         features, labels = self._split_rows(options.pop('split'))
@@ -382,6 +403,8 @@ class Evaluation:
                 check_backbone(self.subject.backbone)
             except ValueError as error:
                 raise EvaluationError(f'the attention protocol: {error}') from error
+        if 'logreg' in protocols:
+            self._logreg_validation_source(self.config.logreg.validation_split)
         if 'linear' in protocols and self.subject.kind != 'pixels':
             linear_lib.feature_layout(self.subject.backbone,
                                       n_last_blocks=self.config.linear.n_last_blocks,
