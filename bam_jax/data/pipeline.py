@@ -141,8 +141,11 @@ def worker_processes(dataset: grain.IterDataset, num_workers: int) -> grain.Iter
 def make_pipeline(source, crops_config, *, batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, num_epochs: int | None = None, shuffle: bool = True,
                   num_workers: int = 0, max_bad_fraction: float = 0.01,
-                  boxes: np.ndarray | None = None) -> grain.IterDataset:
+                  boxes: np.ndarray | None = None, transform=None) -> grain.IterDataset:
     """This process's batches: dicts as documented in `bam_jax.data` (per-process `batch_size`).
+
+    Each record becomes `transform(record, rng)` (picklable, for the workers), by default
+    pretraining's multi-crop (`crops.crop_record` with `crops_config` and `boxes`).
 
     Raises `DataError` up front if the data set cannot fill one global batch.
     `boxes` (ContrastiveCrop, `[len(source), 4]`) are read by the workers as they were
@@ -156,9 +159,10 @@ def make_pipeline(source, crops_config, *, batch_size: int, seed: int, process_i
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
     dataset = dataset.repeat(num_epochs)
-    dataset = dataset.random_map(
-        functools.partial(crops_lib.crop_record, crops_config=crops_config, boxes=boxes),
-        seed=seed)
+    if transform is None:
+        transform = functools.partial(crops_lib.crop_record, crops_config=crops_config,
+                                      boxes=boxes)
+    dataset = dataset.random_map(transform, seed=seed)
     dataset = _ProcessSlice(dataset, batch_size, process_index, process_count)
     dataset = dataset.to_iter_dataset(read_options(source))
     if num_workers:

@@ -90,26 +90,29 @@ def attention_implementation(config, platform: str | None = None) -> str:
     return 'cudnn' if platform in CUDNN_PLATFORMS else 'xla'
 
 
-def build_network(config, platform: str | None = None) -> MultiCropNetwork:
-    """The student (and teacher) network of a run: `config.model` + `config.projector`.
-
-    `config.model.name` picks the backbone family ('vit', 'resnet50',
-    'caformer_m36'); the other `config.model` keys are the family's arguments, e.g.
-    `variant`, `patch_size`. Activations are in `compute_dtype(config, platform)`, and
-    a ViT's attention is `attention_implementation(config, platform)`.
+def build_backbone(config, platform: str | None = None) -> nn.Module:
+    """The backbone of `config.model`: `config.model.name` picks the family ('vit',
+    'resnet50', 'caformer_m36'); the other `config.model` keys are the family's
+    arguments, e.g. `variant`, `patch_size`. Activations are in `compute_dtype(config,
+    platform)`, and a ViT's attention is `attention_implementation(config, platform)`.
     """
     model = dict(config.model)
     name = model.pop('name')
     dtype = compute_dtype(config, platform)
     if name == 'vit':
         model.pop('attention', None)
-        backbone = vit(model.pop('variant'), dtype=dtype,
-                       attention_implementation=attention_implementation(config, platform),
-                       **model)
-    elif name in BACKBONES:
-        backbone = BACKBONES[name](dtype=dtype, **model)
-    else:
-        raise ValueError(f'unknown config.model.name {name!r}; expected one of '
-                         f"{['vit', *BACKBONES]}")
-    projector = ProjectionHead(dtype=dtype, **config.projector)
+        return vit(model.pop('variant'), dtype=dtype,
+                   attention_implementation=attention_implementation(config, platform),
+                   **model)
+    if name in BACKBONES:
+        return BACKBONES[name](dtype=dtype, **model)
+    raise ValueError(f'unknown config.model.name {name!r}; expected one of '
+                     f"{['vit', *BACKBONES]}")
+
+
+def build_network(config, platform: str | None = None) -> MultiCropNetwork:
+    """The student (and teacher) network of a run: `build_backbone`'s backbone +
+    `config.projector`."""
+    backbone = build_backbone(config, platform)
+    projector = ProjectionHead(dtype=compute_dtype(config, platform), **config.projector)
     return MultiCropNetwork(backbone=backbone, projector=projector)

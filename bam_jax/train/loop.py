@@ -1,6 +1,8 @@
-"""The training loop: data → jitted step → logs, checkpoints, kNN, ContrastiveCrop boxes.
+"""The training loop: data → jitted step → logs, checkpoints, end-of-epoch evaluation.
 
-One procedural function in banner-marked sections. Everything a resumed run needs (train
+One procedural function in banner-marked sections, for every task (`tasks.py`: BAM
+pretraining with its kNN and ContrastiveCrop boxes, or fine-tuning with its top-1/top-5):
+the task gives the state, step, input and evaluation, the loop everything else. Everything a resumed run needs (train
 state, input iterator position, boxes, config) is in the workdir's latest checkpoint, so
 starting the same command again continues exactly where the run stopped.
 """
@@ -18,14 +20,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType
 
-from bam_jax.data import ccrop, pipeline, sources
-from bam_jax.train import metrics_log, online, resume
-from bam_jax.train.builder import build_training, clamp_warmup, validate_config
+from bam_jax.train import metrics_log, resume, tasks
+from bam_jax.train.builder import clamp_warmup
 from bam_jax.train.checkpoint import Checkpointer, abstract_like
 from bam_jax.train.step import shard_batch
-
-STEP_INPUTS = ('global', 'local', 'seed')  # what the step reads of a host batch
-
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradients stopped being finite; the last good checkpoint stays."""
@@ -112,13 +110,10 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
     # before any compilation and leave the workdir as it was.
     # ------------------------------------------------------------------------------
     mesh = data_mesh()
-    validate_config(config, jax.device_count())
+    task = tasks.make_task(config, jax.device_count())
     clamp_warmup(config)
-    train_source = sources.make_source(config.data)
-    if len(train_source) < config.batch_size:
-        raise sources.DataError(f'{config.data.source} split {config.data.split!r} has '
-                                f'{len(train_source)} images, fewer than one global batch '
-                                f'of {config.batch_size}.')
+    train_source = task.train_source
+    tasks.check_batch(train_source, config.batch_size, config)
     steps_per_epoch = len(train_source) // config.batch_size
     total_steps = config.epochs * steps_per_epoch
     logging.info('%d images, %d steps per epoch, %d steps.', len(train_source),
@@ -128,11 +123,10 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
     # ------------------------------------------------------------------------------
     # The workdir's checkpoints: is this the same run, and has it finished?
     # ------------------------------------------------------------------------------
-    use_ccrop = bool(config.data.get('ccrop'))
     checkpointer = Checkpointer(
         workdir / 'checkpoints', max_to_keep=config.max_checkpoints,
         save_interval_steps=config.checkpoint_every_steps, json_items=('data', 'config'),
-        array_items=('boxes',) if use_ccrop else ())
+        array_items=task.array_items)
     try:  # a refusal closes the checkpointer: its threads must not outlive the exit
         latest = checkpointer.latest_step() if from_step is None else from_step
         if latest is not None:
@@ -149,23 +143,21 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
             checkpointer.reload()
 
         # ------------------------------------------------------------------------------
-        # Model, optimizer and state; resume from the newest intact checkpoint.
+        # The task's state and step; resume from the newest intact checkpoint.
         # ------------------------------------------------------------------------------
-        training = build_training(config, mesh, steps_per_epoch)
-        state = training.state
-        boxes = ccrop.initial_boxes(len(train_source)) if use_ccrop else None
+        state, train_step = task.build(mesh, steps_per_epoch, initialise=latest is None)
         data_state = None
         if latest is not None:
             state, items, step = checkpointer.restore_newest_intact(
                 abstract_like(state), set_aside_to=workdir / 'corrupt')
             data_state = items['data']
-            boxes = items.get('boxes', boxes)
+            task.restore_items(items)
             if step >= total_steps:
                 logging.info('The run in %s had finished at step %d: nothing to do.', workdir,
                              step)
                 checkpointer.close()
                 return {'step': step, 'signal': None, 'finished_before': True,
-                        'labelled': online.has_labelled_splits(config, train_source)}
+                        **task.result({})}
             logging.info('Resumed from step %d.', step)
     except BaseException:
         checkpointer.close()
@@ -175,12 +167,8 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
     start_step = int(state.step)
 
     def make_iterator(epoch: int):
-        """The input from the current position; boxes apply from their epoch on."""
-        boxes_now = boxes if use_ccrop and ccrop.use_boxes_in(
-            epoch, config.data.ccrop_warmup_epochs, config.data.ccrop_loc_interval) else None
-        iterator = iter(pipeline.make_train_pipeline(
-            config, train_source, process_index=jax.process_index(),
-            process_count=jax.process_count(), boxes=boxes_now))
+        """The task's input from the current position."""
+        iterator = iter(task.make_input(epoch))
         if data_state is not None:
             iterator.set_state(data_state)
         return iterator
@@ -199,37 +187,22 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
 
     def save(step: int, *, force: bool = False):
         items = dict(data=iterator.get_state(), config=json.loads(
-            config.to_json_best_effort()))
-        if use_ccrop:
-            items['boxes'] = boxes
+            config.to_json_best_effort()), **task.checkpoint_items())
         if checkpointer.save(step, state, force=force, **items):
             logging.info('Saving checkpoint at step %d.', step)
 
     # ------------------------------------------------------------------------------
-    # End of an epoch: ContrastiveCrop boxes and kNN on their schedules.
+    # End of an epoch: the task's evaluation (and input changes) on its schedule.
     # ------------------------------------------------------------------------------
-    backbone = training.network.backbone
-    knn = online.make_online_knn(config, backbone, train_source, mesh)
     evaluation: dict[str, float] = {}
 
     def end_of_epoch(epoch: int):
-        nonlocal boxes, data_state, iterator, evaluation
-        if knn is not None and ((epoch + 1) % config.knn.every_epochs == 0
-                                or epoch + 1 == config.epochs):
-            with progress.timed('knn'):
-                evaluation = knn(state)
-            writer.write_scalars(step, evaluation)
-        restart_input = False
-        if use_ccrop:
-            warmup, interval = config.data.ccrop_warmup_epochs, config.data.ccrop_loc_interval
-            if ccrop.update_boxes_after(epoch, config.epochs, warmup, interval):
-                with progress.timed('contrastive_crop_boxes'):
-                    boxes = online.contrastive_crop_boxes(config, backbone, state,
-                                                          train_source, mesh)
-                restart_input = ccrop.use_boxes_in(epoch + 1, warmup, interval)
-            restart_input |= (ccrop.use_boxes_in(epoch + 1, warmup, interval)
-                              != ccrop.use_boxes_in(epoch, warmup, interval))
-        if restart_input:  # the workers read the boxes when the iterator is made
+        nonlocal data_state, iterator, evaluation
+        scalars, restart_input = task.end_of_epoch(epoch, state, progress)
+        if scalars:
+            evaluation = scalars
+            writer.write_scalars(step, scalars)
+        if restart_input:  # the workers read what changed when the iterator is made
             data_state = iterator.get_state()
             iterator.close()
             iterator = make_iterator(epoch + 1)
@@ -247,9 +220,9 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
         while step < total_steps:
             with jax.profiler.StepTraceAnnotation('train', step_num=step):
                 batch = next(iterator)
-                batch = shard_batch({key: batch[key] for key in STEP_INPUTS if key in batch},
-                                    mesh)
-                state, metrics = training.train_step(state, batch)
+                batch = shard_batch({key: batch[key] for key in task.step_inputs
+                                     if key in batch}, mesh)
+                state, metrics = train_step(state, batch)
             if previous is not None:
                 _check_finite(step, previous)
             previous = metrics
@@ -295,14 +268,12 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
         checkpointer.wait_until_finished()
         if hasattr(iterator, 'close'):
             iterator.close()
-    if evaluation:
-        logging.info('kNN (k=%d) at step %d: %s', config.knn.k, step, ', '.join(
-            f'{name} {value:.2f}%' for name, value in sorted(evaluation.items())))
+    task.final_log(step, evaluation)
     writer.flush()
     writer.close()
     checkpointer.close()
     return {'step': step, 'signal': preemption.signal, 'finished_before': False,
-            'labelled': online.has_labelled_splits(config, train_source), **evaluation}
+            **task.result(evaluation)}
 
 
 def _flatten(tree: dict, prefix: str = ''):
