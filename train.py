@@ -1,8 +1,12 @@
-r"""Pretrains a backbone with BAM.
+r"""Pretrains a backbone with BAM, or fine-tunes one: the config's `task` chooses.
 
   python train.py                                  # the embedded MNIST default, on a CPU
   python train.py --config=configs/vit_small_imagenet.py --workdir=gs://BUCKET/bam_vits16 \
     --config.data.data_dir=gs://BUCKET/tensorflow_datasets --config.epochs=100
+
+The configs/finetune_*.py configs fine-tune a pretrained backbone end to end with a
+classification head (configs/finetune_mnist.py: the MNIST default run's), on the same
+loop, checkpoints and resume rules.
 
 Starting the same command again resumes from the workdir's newest intact checkpoint;
 SIGTERM and Ctrl-C save the current step first. --from_step resumes from an earlier step,
@@ -100,6 +104,8 @@ def main(argv):
 
 def _summary(result: dict, workdir: str) -> str:
     """Where the run's outputs are and what to run next: each command runs as printed."""
+    if result.get('task') == 'finetune':
+        return _finetune_summary(result, workdir)
     step, quoted = result['step'], shlex.quote(workdir)
     knn = ', '.join(f'{name.split("/")[-1]} {value:.1f} %'
                     for name, value in sorted(result.items()) if name.startswith('knn/'))
@@ -123,6 +129,29 @@ def _summary(result: dict, workdir: str) -> str:
         lines.append('The evaluation needs labels, which this run\'s splits lack: evaluate '
                      'the exported backbone on labelled images (docs/evaluation.md).')
     return '\n'.join(lines)
+
+
+def _finetune_summary(result: dict, workdir: str) -> str:
+    step, quoted = result['step'], shlex.quote(workdir)
+    if 'eval/top1' not in result:  # it had finished before: its last evaluation
+        from bam_jax.train import metrics_log  # pylint: disable=import-outside-toplevel
+        logged = [scalars for _, scalars in sorted(metrics_log.read_metrics(workdir).items())
+                  if 'eval/top1' in scalars]
+        result = {**result, **(logged[-1] if logged else {})}
+    scores = (f' (top-1 {result["eval/top1"]:.2f} %, top-5 {result["eval/top5"]:.2f} % on '
+              'the held-out split)' if 'eval/top1' in result else '')
+    return '\n'.join([
+        f'The fine-tuning run finished at step {step}{scores}.'
+        + (' It had finished before: nothing was recomputed.'
+           if result['finished_before'] else ''),
+        f'  {workdir}/checkpoints/   train state (backbone + head, optimizer, input position)',
+        f'  {workdir}/metrics.jsonl  every logged scalar, eval/top1 and eval/top5 at each '
+        f'epoch\'s end (TensorBoard: tensorboard --logdir {quoted})',
+        f'  {workdir}/config.json    the resolved config',
+        'Next:',
+        f'  python -m bam_jax.runs {quoted}',
+        f'  python -m bam_jax.export --workdir={quoted} --out={quoted}/classifier.safetensors',
+    ])
 
 
 if __name__ == '__main__':

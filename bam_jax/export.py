@@ -73,8 +73,8 @@ def restore_state(workdir: pathlib.Path, step: int | None = None):
     from jax.sharding import AxisType
 
     from bam_jax.models.timm_names import ArchitectureMismatch
-    from bam_jax.train import build_training
     from bam_jax.train import checkpoint as checkpoint_lib
+    from bam_jax.train import tasks
 
     workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
     config = load_run_config(workdir)
@@ -94,7 +94,7 @@ def restore_state(workdir: pathlib.Path, step: int | None = None):
     mesh = jax.make_mesh((1,), ('data',), axis_types=(AxisType.Auto,),
                          devices=jax.devices()[:1])
     try:
-        abstract = jax.eval_shape(lambda: build_training(config, mesh, 1).state)
+        abstract = tasks.abstract_state(config, mesh)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ExportError(f'cannot build the model of {workdir / "config.json"}: '
                           f'{error}') from error
@@ -301,7 +301,8 @@ def export_backbone(variables: Mapping[str, Any], model_config: Mapping[str, Any
                     out: str | pathlib.Path, *, file_format: str | None = None,
                     official: Mapping[str, Mapping[str, Any]] | None = None,
                     info: Mapping[str, Any] | None = None,
-                    overwrite: bool = False) -> dict[str, Any]:
+                    overwrite: bool = False,
+                    head: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Writes backbone variables as a timm state dict plus its JSON; returns the JSON.
 
     Args:
@@ -313,6 +314,8 @@ def export_backbone(variables: Mapping[str, Any], model_config: Mapping[str, Any
         in the official BAM checkpoint layout `{'model': {prefix + timm key: tensor}}`.
       info: extra entries for the JSON (step, weights, workdir).
       overwrite: replace existing files (else an ExportError names the first).
+      head: a fine-tuned classifier's linear head ({'kernel' [D, N], 'bias' [N]}): the
+        file is then timm's classifier, `create_model(..., num_classes=N)`.
     """
     from bam_jax.models.timm_names import timm_backbone
     out = pathlib.Path(out).absolute()
@@ -320,6 +323,11 @@ def export_backbone(variables: Mapping[str, Any], model_config: Mapping[str, Any
     entry = timm_backbone(model_config['name'])
     spec = timm_spec(model_config)
     state_dict = entry.to_timm(variables)
+    if head is not None:
+        prefix = classifier_prefix(model_config['name'])
+        state_dict[f'{prefix}weight'] = np.ascontiguousarray(np.asarray(head['kernel']).T)
+        state_dict[f'{prefix}bias'] = np.asarray(head['bias'])
+        spec['model_kwargs']['num_classes'] = int(np.shape(head['bias'])[0])
     summary = {**spec, 'file': str(paths['state_dict']), 'format': file_format,
                **(info or {}), 'load': load_lines(spec, paths['state_dict'], file_format)}
     writers = {paths['state_dict']: lambda path: save_state_dict(state_dict, path,
@@ -351,6 +359,19 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     if weights not in (None, *WEIGHTS):
         raise ExportError(f'weights must be one of {WEIGHTS}, got {weights!r}')
     config, state, step = restore_state(workdir, step)
+    if config.get('task', 'pretrain') == 'finetune':
+        if official:
+            raise ExportError('--official writes a pretraining checkpoint; '
+                              f'{workdir} is a fine-tuning run')
+        if weights == 'teacher':
+            raise ExportError(f'{workdir} is a fine-tuning run: it has no teacher')
+        return export_backbone(
+            backbone_variables(state, 'student'), config.model.to_dict(), out,
+            file_format=file_format, head=jax_to_numpy(state.params['head']),
+            info={'weights': 'classifier', 'step': int(step),
+                  'workdir': str(workdir.absolute()),
+                  'run_config': json.loads(config.to_json_best_effort())},
+            overwrite=overwrite)
     if weights is None:
         weights = 'teacher' if state.teacher_params is not None else 'student'
     return export_backbone(
@@ -359,6 +380,24 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
         info={'weights': weights, 'step': int(step), 'workdir': str(workdir.absolute()),
               'run_config': json.loads(config.to_json_best_effort())},
         overwrite=overwrite)
+
+
+# timm's name of the classifier layer of each backbone family that has one here.
+CLASSIFIER_PREFIXES = {'vit': 'head.', 'resnet50': 'fc.'}
+
+
+def classifier_prefix(name: str) -> str:
+    """timm's key prefix of a family's linear classifier ('head.' for a ViT)."""
+    if name not in CLASSIFIER_PREFIXES:
+        raise ExportError(f'exporting a fine-tuned {name} classifier to timm is not '
+                          f'supported (only {sorted(CLASSIFIER_PREFIXES)}); its backbone '
+                          'alone is: python -m bam_jax.export --weights student')
+    return CLASSIFIER_PREFIXES[name]
+
+
+def jax_to_numpy(tree):
+    import jax
+    return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
 # ---------------------------------------------------------------------------
@@ -392,13 +431,14 @@ def select_backbone(state_dict: Mapping[str, np.ndarray], weights: str | None,
 
 
 def abstract_backbone(config) -> dict[str, Any]:
-    """Shapes and dtypes of the backbone variables of a run config."""
+    """Shapes and dtypes of the backbone variables of a run config (pretraining or
+    fine-tuning)."""
     import jax
     import jax.numpy as jnp
 
-    from bam_jax.models.multicrop import build_network
-    backbone = build_network(config).backbone
-    size = config.crops.global_size
+    from bam_jax.models.multicrop import build_backbone
+    backbone = build_backbone(config)
+    size = (config.crops.global_size if 'crops' in config else config.input.image_size)
     return jax.eval_shape(lambda: backbone.init(jax.random.key(0),
                                                 jnp.zeros((1, size, size, 3))))
 
@@ -446,12 +486,19 @@ def import_backbone(path: str | pathlib.Path, config,
         _check_same_architecture(info['args'], entry.official_args(config.model.to_dict()),
                                  f'{path} (its args)')
     sidecar = path.with_suffix('.json')
+    classes = 0
     if sidecar.is_file():
         recorded = json.loads(sidecar.read_text())
         if 'model_kwargs' in recorded:
-            _check_same_architecture(recorded['model_kwargs'], spec['model_kwargs'],
+            kwargs = dict(recorded['model_kwargs'])
+            classes = kwargs.pop('num_classes', 0) or 0  # a classifier's backbone is one
+            _check_same_architecture(kwargs, spec['model_kwargs'],
                                      f'{path} (per {sidecar.name})')
     backbone = select_backbone(state_dict, weights, str(path))
+    if classes:  # a fine-tuned classifier: its backbone without the head
+        prefix = CLASSIFIER_PREFIXES.get(config.model.name, 'head.')
+        backbone = {key: value for key, value in backbone.items()
+                    if not key.startswith(prefix)}
     return entry.from_timm(backbone, abstract_backbone(config), source=str(path))
 
 
@@ -486,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return command_line.interrupted('nothing was written')
-    print(f'wrote {summary["file"]}: {summary["weights"]} backbone of step '
+    what = (f'classifier ({summary["model_kwargs"]["num_classes"]} classes)'
+            if summary['weights'] == 'classifier' else f'{summary["weights"]} backbone')
+    print(f'wrote {summary["file"]}: {what} of step '
           f'{summary["step"]} ({summary["model_name"] or summary["model_class"]})')
     print(f'wrote {pathlib.Path(summary["file"]).with_suffix(".json")}')
     if 'official_file' in summary:

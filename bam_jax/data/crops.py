@@ -121,3 +121,22 @@ def crop_record(record: dict[str, Any], rng: np.random.Generator, crops_config,
     example['index'] = np.int32(record['index'])
     example['seed'] = rng.integers(0, 2**32, size=2, dtype=np.uint32)
     return example
+
+
+def labelled_crop(record: dict[str, Any], rng: np.random.Generator, *, size: int,
+                  scale: tuple[float, float], flip_prob: float,
+                  randaugment=None) -> dict[str, Any]:
+    """A source record → fine-tuning's training view: one bicubic random resized crop
+    of `size` (torchvision's, as timm's `transforms_imagenet_train`), maybe flipped,
+    then `randaugment(image, rng)` (uint8 in and out) if given; with its label and
+    index. An undecodable image comes back as `{'bad_path': path}`, as in
+    `crop_record`."""
+    try:
+        image = decode(record['image'])
+    except DECODE_ERRORS:
+        return {'bad_path': record['path']}
+    crop = random_resized_crop(image, rng, size, scale, flip_prob)
+    if randaugment is not None:
+        crop = randaugment(crop, rng)
+    return {'image': np.ascontiguousarray(crop), 'label': np.int32(record['label']),
+            'index': np.int32(record['index'])}

@@ -141,6 +141,10 @@ class TfdsSource:
             raise DataError(f'TFDS data set {name!r}: {error}') from error
         self.name, self.split = name, split
         self.image_key, self.label_key = image_key, label_key
+        # The class count the data set declares (None: no label feature, unlabelled).
+        label_feature = builder.info.features.get(label_key) if hasattr(
+            builder.info.features, 'get') else None
+        self.num_classes = getattr(label_feature, 'num_classes', None)
 
     def __len__(self) -> int:
         return len(self._source)

@@ -127,11 +127,14 @@ def _stop_gradient(variables):
 
 
 class PatchEmbed(nn.Module):
-    """Frozen non-overlapping patch projection (timm `patch_embed.proj`)."""
+    """Non-overlapping patch projection (timm `patch_embed.proj`), frozen in
+    pretraining (MoCo v3's rule, as the official code); `trainable` for fine-tuning,
+    where DeiT trains it."""
 
     patch_size: int
     embed_dim: int
     dtype: Any = jnp.float32
+    trainable: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -139,9 +142,9 @@ class PatchEmbed(nn.Module):
         # U(±1/sqrt(fan_in)). The conv never trains, so this init is what it keeps.
         fan_in = images.shape[-1] * self.patch_size ** 2
         init = _symmetric_uniform(1.0 / math.sqrt(fan_in))
-        frozen_conv = nn.map_variables(nn.Conv, 'params', trans_in_fn=_stop_gradient,
-                                       init=self.is_initializing())
-        return frozen_conv(self.embed_dim, (self.patch_size, self.patch_size),
+        conv = nn.Conv if self.trainable else nn.map_variables(
+            nn.Conv, 'params', trans_in_fn=_stop_gradient, init=self.is_initializing())
+        return conv(self.embed_dim, (self.patch_size, self.patch_size),
                            strides=(self.patch_size, self.patch_size), padding='VALID',
                            kernel_init=init, bias_init=init, dtype=self.dtype,
                            name='proj')(images)
@@ -313,13 +316,16 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     dtype: Any = jnp.float32
     attention_implementation: str = 'einsum'
+    # Fine-tuning trains the patch projection (DeiT); pretraining keeps it frozen.
+    train_patch_embed: bool = False
 
     def setup(self):
         if self.img_size % self.patch_size:
             raise ValueError(f'img_size {self.img_size} is not a multiple of patch_size '
                              f'{self.patch_size}.')
         table = sincos_pos_embed_2d(self.img_size // self.patch_size, self.embed_dim)
-        self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
+        self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype,
+                                      trainable=self.train_patch_embed)
         self.cls_token = self.param('cls_token', nn.initializers.normal(1e-6),
                                     (1, 1, self.embed_dim))
         self.pos_embed = self.param('pos_embed', lambda key, shape: jnp.asarray(table),

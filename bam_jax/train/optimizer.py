@@ -91,3 +91,51 @@ def make_optimizer(name: str, learning_rate: Schedule, weight_decay: Schedule, *
         optax.clip_by_global_norm(clip_grad) if clip_grad > 0 else optax.identity(),
         optax.multi_transform({'trained': inner, 'frozen': optax.set_to_zero()}, labels),
     )
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning (DeiT / timm): AdamW over every parameter, per-parameter lr scales.
+# ---------------------------------------------------------------------------
+# timm's `VisionTransformer.no_weight_decay()`: these and every 1-D parameter (biases,
+# norm scales) get no weight decay (`param_groups_weight_decay`).
+NO_WEIGHT_DECAY = ('pos_embed', 'cls_token', 'dist_token')
+
+
+def finetune_decay_mask(params):
+    """True for parameters that get weight decay in fine-tuning: more than one
+    dimension and not the position table or the class token (timm's rule)."""
+    def decayed(path, leaf):
+        names = {str(getattr(key, 'key', key)) for key in path}
+        return leaf.ndim > 1 and not names & set(NO_WEIGHT_DECAY)
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+    """Multiplies each update by its leaf of `scales` (a pytree of floats shaped like the
+    params' tree), e.g. layer-wise lr decay. Stateless."""
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda update, scale: update * scale, updates, scales), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_finetune_optimizer(learning_rate: Schedule, weight_decay: float, *,
+                            lr_scales=None, clip_grad: float = 0.0, b1: float = 0.9,
+                            b2: float = 0.999,
+                            eps: float = 1e-8) -> optax.GradientTransformation:
+    """timm's fine-tuning AdamW: clipping (0: off, DeiT's default), Adam, decoupled
+    weight decay on `finetune_decay_mask`, each parameter's learning rate times its
+    `lr_scales` leaf (None: 1), as torch's AdamW does with a param group's `lr_scale`:
+    p ← p − lr·scale·(adam + wd·p)."""
+    return optax.chain(
+        optax.clip_by_global_norm(clip_grad) if clip_grad > 0 else optax.identity(),
+        scale_by_adam(b1, b2, eps),
+        optax.add_decayed_weights(weight_decay, mask=finetune_decay_mask),
+        scale_by_tree(lr_scales) if lr_scales is not None else optax.identity(),
+        optax.scale_by_learning_rate(learning_rate),
+    )
