@@ -27,7 +27,6 @@ from collections.abc import Mapping
 import re
 from typing import Any
 
-import flax
 import jax
 import numpy as np
 
@@ -115,12 +114,12 @@ def layer_ids(params: Mapping[str, Any], model_config: Mapping[str, Any]
     if name not in _FAMILIES:
         raise ValueError(f'no layer-wise decay for config.model.name {name!r}; known: '
                          f'{sorted(_FAMILIES)}')
-    return _FAMILIES[name](list(_names(params).values()), model_config)
+    names = [_timm_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return _FAMILIES[name](names, model_config)
 
 
-def _names(params: Mapping[str, Any]) -> dict[tuple[str, ...], str]:
-    return {path: parameter_key(path)
-            for path in flax.traverse_util.flatten_dict(dict(params))}
+def _timm_name(path) -> str:
+    return parameter_key(tuple(str(getattr(key, 'key', key)) for key in path))
 
 
 def layer_decay_scales(params: Mapping[str, Any], model_config: Mapping[str, Any],
@@ -139,7 +138,6 @@ def layer_decay_scales(params: Mapping[str, Any], model_config: Mapping[str, Any
 
     def scale(path, leaf):
         del leaf
-        name = parameter_key(tuple(str(getattr(key, 'key', key)) for key in path))
-        return float(decay ** (top - layers.get(name, top)))
+        return float(decay ** (top - layers.get(_timm_name(path), top)))
 
     return jax.tree_util.tree_map_with_path(scale, params)
