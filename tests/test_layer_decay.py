@@ -114,3 +114,11 @@ def test_structure_and_no_decay(compared):
     assert scales['head']['kernel'] == 1.0
     with pytest.raises(ValueError, match='no layer-wise decay'):
         layer_decay_scales(params['vit_tiny'], {'name': 'mlp'}, 0.5)
+    # The backbone under 'backbone' (the pretraining network's name), the head beside it.
+    backbone = {key: value for key, value in params['vit_tiny'].items() if key != 'head'}
+    nested = layer_decay_scales({'backbone': backbone, 'head': params['vit_tiny']['head']},
+                                MODELS['vit_tiny'], 0.5)
+    assert nested == {'backbone': {key: value for key, value in scales.items()
+                                   if key != 'head'}, 'head': scales['head']}
+    with pytest.raises(ValueError, match='no parameter of a vit backbone'):
+        layer_decay_scales({'student': backbone}, MODELS['vit_tiny'], 0.5)

@@ -34,6 +34,7 @@ from bam_jax.models import resnet
 from bam_jax.models.torch_layout import parameter_key
 from bam_jax.models.vit import vit
 
+BACKBONE_KEY = 'backbone'  # `MultiCropNetwork`'s name for the backbone's params
 # timm's `auto_group_layers(layers_per_group=12)`: parameters per group without a matcher.
 AUTO_GROUP_SIZE = 12
 # timm's MetaFormer module order (`named_parameters`), numbers written as '#'.
@@ -115,11 +116,18 @@ def layer_ids(params: Mapping[str, Any], model_config: Mapping[str, Any]
         raise ValueError(f'no layer-wise decay for config.model.name {name!r}; known: '
                          f'{sorted(_FAMILIES)}')
     names = [_timm_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-    return _FAMILIES[name](names, model_config)
+    layers, num_layers = _FAMILIES[name](names, model_config)
+    if not layers:  # e.g. the backbone under another name: every scale would be 1
+        raise ValueError(f'no parameter of a {name} backbone (timm names) among '
+                         f'{names[:3]}...; pass its params, or hold them under "backbone"')
+    return layers, num_layers
 
 
 def _timm_name(path) -> str:
-    return parameter_key(tuple(str(getattr(key, 'key', key)) for key in path))
+    """timm's name of a leaf, the backbone's own whether or not it sits under 'backbone'
+    (as in the pretraining network)."""
+    keys = tuple(str(getattr(key, 'key', key)) for key in path)
+    return parameter_key(keys[1:] if keys[0] == BACKBONE_KEY and len(keys) > 1 else keys)
 
 
 def layer_decay_scales(params: Mapping[str, Any], model_config: Mapping[str, Any],
@@ -129,7 +137,8 @@ def layer_decay_scales(params: Mapping[str, Any], model_config: Mapping[str, Any
 
     Args:
       params: the backbone's params (timm's names, see `bam_jax.models.timm_names`),
-        possibly with the fine-tuning classifier beside them at the top level.
+        possibly with the fine-tuning classifier beside them at the top level; or a
+        tree holding them under 'backbone' beside the classifier.
       model_config: `config.model` of the backbone.
       decay: timm's `layer_decay`, e.g. 0.65 (BEiT/MAE ViT-B) or 0.75.
     """
