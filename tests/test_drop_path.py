@@ -160,8 +160,10 @@ def test_rates_and_masked_outputs_equal_timms(compared, name):
     # A mask per branch with a rate above 0, asked for in the same order.
     np.testing.assert_allclose(calls, report['seen'][name], rtol=1e-6)
     assert len(calls) == (1 if name == 'resnet50' else 2) * (len(rates) - 1)
+    # Measured: ViT 2e-7, CAFormer 6e-7, ResNet 3e-5 (batch statistics of 6 images) of
+    # outputs up to 2; a branch dropped or kept differently moves them by O(1).
     np.testing.assert_allclose(features, timm[name], rtol=0,
-                               atol=2e-5 * np.abs(timm[name]).max())
+                               atol=1e-4 * np.abs(timm[name]).max())
 
 
 def test_rate_schedules():
