@@ -10,6 +10,10 @@ BAM checkpoint layout (`student.module.backbone.*`, `teacher.backbone.*`) that t
 official `eval_linear.py` and video-segmentation scripts load. `import_backbone` reads
 such files, or a bare timm state dict, into JAX variables.
 
+A fine-tuning workdir (`config.task='finetune'`) exports as timm's classifier: the
+backbone and its `head` (`fc` for a ResNet), the JSON's `num_classes` the head's size,
+loaded with strict=True; `import_backbone` reads such a file's backbone back.
+
 torch runs only in a child process (`bam_jax.export_torch`): a process that imported
 TensorFlow crashes when it then imports torch. Outputs are written to temporary files and
 renamed when all are complete, so a failure leaves no partial file; an existing output is

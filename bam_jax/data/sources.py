@@ -142,8 +142,8 @@ class TfdsSource:
         self.name, self.split = name, split
         self.image_key, self.label_key = image_key, label_key
         # The class count the data set declares (None: no label feature, unlabelled).
-        label_feature = builder.info.features.get(label_key) if hasattr(
-            builder.info.features, 'get') else None
+        features = builder.info.features
+        label_feature = features[label_key] if label_key in features.keys() else None
         self.num_classes = getattr(label_feature, 'num_classes', None)
 
     def __len__(self) -> int:

@@ -66,9 +66,19 @@ def _run_config(workdir, backbone):
     if workdir is not None:
         if flags.FLAGS['run_config'].present:
             _fail('pass --workdir or --run_config, not both: a workdir has its config.json')
-        return export.load_run_config(workdir)
+        config = export.load_run_config(workdir)
+        if config.get('task', 'pretrain') == 'finetune':
+            _fail(f'{workdir} is a fine-tuning run, whose top-1/top-5 are in its '
+                  'metrics.jsonl; to evaluate its backbone, export it (python -m '
+                  'bam_jax.export) and pass --backbone FILE --run_config CONFIG (the '
+                  'pretraining config it started from)')
+        return config
     if _RUN_CONFIG.value is None and backbone is not None:
         recorded = export.sidecar_run_config(backbone)
+        if recorded is not None and recorded.get('task', 'pretrain') == 'finetune':
+            _fail(f'{backbone} is a fine-tuned classifier: pass --run_config CONFIG (the '
+                  'pretraining config it started from, for the evaluation\'s data and '
+                  'sizes)')
         if recorded is not None:
             return recorded
     if _RUN_CONFIG.value is None:

@@ -5,14 +5,14 @@ config (`configs/finetune_*.py`):
 
 * state: the backbone + a linear head named `head` (timm's ViT name, so the classifier
   exports to `timm.create_model(..., num_classes=N)`), one AdamW over every parameter
-  with per-parameter learning-rate scales (layer decay), no weight decay on biases,
+  with per-parameter learning-rate scales (`layer_decay`), no weight decay on biases,
   norms, position table and class token (`optimizer.make_finetune_optimizer`), a
   cosine learning rate with linear warm-up (`schedules.cosine_schedule`);
 * step: on each device's part of the batch (timm mixes each GPU's batch under DDP),
   normalisation, random erasing (`data.random_erasing`), then mixup / CutMix with label
   smoothing (`data.mixup`), soft-target cross-entropy; drop path inside the backbone;
 * input: bicubic random resized crops and flips on the host (`crops.labelled_crop`),
-  RandAugment when configured;
+  then RandAugment (`data.randaugment`, timm's rand-m9-mstd0.5-inc1) when configured;
 * evaluation at every epoch's end: resize + centre crop (224 of 256, scaled for other
   sizes as `eval_input` does), top-1 / top-5 on the held-out split, logged as
   `eval/top1`, `eval/top5`.
@@ -152,11 +152,9 @@ def validate_finetune_config(config, device_count: int):
             raise ConfigError(str(error)) from None
     _layer_decay_module(config)
     _randaugment(config)
-    if config.model.get('drop_path_rate', 0.0):
-        backbone = multicrop.BACKBONES.get(config.model.name)
-        need(backbone is None or 'drop_path_rate' in backbone.__dataclass_fields__,
-             f'config.model.drop_path_rate={config.model.drop_path_rate}: the '
-             f'{config.model.name} backbone has no drop path yet; set it to 0.')
+    need(0 <= config.model.get('drop_path_rate', 0.0) < 1,
+         f'config.model.drop_path_rate={config.model.get("drop_path_rate")} must be in '
+         '[0, 1).')
 
 
 def mixup_on(config) -> bool:
@@ -171,11 +169,7 @@ def _layer_decay_module(config):
         return None
     if not 0 < decay <= 1:
         raise ConfigError(f'config.optimizer.layer_decay={decay} must be in (0, 1].')
-    try:
-        from bam_jax.train import layer_decay  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        raise ConfigError(f'config.optimizer.layer_decay={decay}: layer-wise lr decay is '
-                          'not implemented yet; set it to 1.') from None
+    from bam_jax.train import layer_decay  # pylint: disable=import-outside-toplevel
     return layer_decay
 
 
@@ -184,15 +178,12 @@ def _randaugment(config):
     policy = config.input.randaugment
     if not policy:
         return None
+    from bam_jax.data import randaugment  # pylint: disable=import-outside-toplevel
     try:
-        from bam_jax.data import randaugment  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        raise ConfigError(f'config.input.randaugment={policy!r}: RandAugment is not '
-                          "implemented yet; set it to ''.") from None
-    try:
-        return randaugment.from_policy(policy)
+        settings = randaugment.parse(policy)
     except ValueError as error:
         raise ConfigError(f'config.input.randaugment={policy!r}: {error}') from None
+    return functools.partial(randaugment.rand_augment, settings=settings)
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +206,8 @@ def lr_scales(config, params):
     module = _layer_decay_module(config)
     if module is None:
         return None
-    return module.layer_decay_scales(params, config.model, config.optimizer.layer_decay)
+    return module.layer_decay_scales(params, config.model.to_dict(),
+                                     config.optimizer.layer_decay)
 
 
 @dataclasses.dataclass(frozen=True)
