@@ -51,6 +51,15 @@ SHRINK_MNIST = ('--config.model.embed_dim=32', '--config.model.depth=1',
                 '--config.model.num_heads=2', '--config.projector.hidden_dim=64',
                 '--config.projector.out_dim=32', '--config.crops.n_local=2',
                 '--config.epochs=1')
+# Fine-tuning: the MNIST one keeps its data and input, its backbone is the shrunk MNIST
+# default's (the run it starts from); the ImageNet-shaped ones take the shrunk ViT of the
+# pretraining commands (their init.workdir) on 32 px inputs, a batch of 16, one epoch.
+SHRINK_FINETUNE_MNIST = ('--config.model.embed_dim=32', '--config.model.depth=1',
+                         '--config.model.num_heads=2', '--config.epochs=1')
+SHRINK_FINETUNE = (*SHRINK_MODEL['vit'], '--config.input.image_size=32',
+                   '--config.batch_size=16', '--config.epochs=1',
+                   '--config.data.num_workers=0', '--config.eval.batch_size=32',
+                   '--config.log_every_steps=1')
 SHRINK_EVALUATE = ('--config.linear.epochs=1', '--config.fewshot.n_episodes=10',
                    '--config.logreg.num_lambdas=2', '--config.logreg.max_iters=20',
                    '--config.kmeans.n_init=1', '--config.attention.num_images=2')
@@ -85,7 +94,9 @@ def documented_commands() -> list[tuple[str, str]]:
 def _config_family(argv: list[str]) -> str:
     config = next((arg.split('=', 1)[1] for arg in argv if arg.startswith('--config=')),
                   'configs/mnist.py')
-    name = pathlib.Path(config).stem
+    name = pathlib.Path(config.split(':')[0]).stem
+    if name.startswith('finetune'):
+        return 'finetune_mnist' if 'mnist' in name else 'finetune'
     if name == 'mnist' or 'mnist' in config:
         return 'mnist'
     return {'resnet50_imagenet': 'resnet50', 'caformer_m36_imagenet': 'caformer_m36'}.get(
@@ -98,6 +109,10 @@ def shrunk(argv: list[str]) -> list[str]:
         family = _config_family(argv)
         if family == 'mnist':
             return argv + list(SHRINK_MNIST)
+        if family == 'finetune_mnist':
+            return argv + list(SHRINK_FINETUNE_MNIST)
+        if family == 'finetune':
+            return argv + list(SHRINK_FINETUNE)
         return argv + list(_CROPS) + list(SHRINK_MODEL[family])
     if argv[2] == 'bam_jax.evaluate':
         run_config = [flag.replace('--config.', '--run_config.') for flag in SHRINK_MNIST
@@ -119,10 +134,11 @@ def test_the_documentation_shows_the_commands_users_need():
 
 
 @pytest.fixture
-def user_data_paths(tfds_imagenet_dir, tfds_imagenet_tfrecord_dir, image_folder_labelled,
+def user_data_paths(tfds_finetune_dir, tfds_imagenet_tfrecord_dir, image_folder_labelled,
                     image_folder_flat) -> dict[str, str]:
-    """The documentation's placeholder paths → the generated data (longest first)."""
-    return {'gs://BUCKET/tensorflow_datasets': tfds_imagenet_dir,
+    """The documentation's placeholder paths → the generated data (longest first): the
+    TFDS data_dir holds imagenet2012 and fine-tuning's subsets and CIFAR-shaped sets."""
+    return {'gs://BUCKET/tensorflow_datasets': tfds_finetune_dir,
             '/data/tfrecords': tfds_imagenet_tfrecord_dir,
             '/data/images': image_folder_labelled, '/data/photos': image_folder_flat}
 
@@ -131,7 +147,7 @@ def _lane(argv: list[str]) -> str:
     """Commands of one lane depend on each other (a workdir, an exported file); the MNIST
     lane (its runs, their evaluation and export) and the data lane (the ImageNet configs
     on the generated data, the converter) do not, and run side by side."""
-    if argv[1] == 'train.py' and _config_family(argv) != 'mnist':
+    if argv[1] == 'train.py' and _config_family(argv) not in ('mnist', 'finetune_mnist'):
         return 'data'
     return 'data' if argv[2:3] == ['bam_jax.data.convert'] else 'mnist'
 
@@ -189,7 +205,8 @@ def test_every_documented_command_runs(tmp_path, user_data_paths):
     # labelled and unlabelled folders, TFDS.
     assert {('mnist', 'mnist', True), ('vit', 'folder', True), ('vit', 'folder', False),
             ('vit', 'tfds', True), ('resnet50', 'tfds', True),
-            ('caformer_m36', 'tfds', True)} <= printed_for, printed_for
+            ('caformer_m36', 'tfds', True), ('finetune_mnist', 'mnist', False),
+            ('finetune', 'tfds', False)} <= printed_for, printed_for
     assert any('bam_jax.runs' in command for where, command, _, _ in results
                if where.endswith(' printed'))
 
@@ -211,6 +228,6 @@ def run_kind(argv: list[str], stdout: str) -> tuple[str, str, bool] | None:
     source = next((arg.split('=', 1)[1] for arg in argv
                    if arg.startswith('--config.data.source=')), None)
     family = _config_family(argv)
-    source = source or ('mnist' if family == 'mnist' else 'tfds')
+    source = source or ('mnist' if family in ('mnist', 'finetune_mnist') else 'tfds')
     return family, source, any('bam_jax.evaluate' in line
                                for line in printed_commands(stdout))

@@ -16,7 +16,10 @@ Images are JPEGs of 40-200 px sides, square and not, a few of them grayscale, of
 (the first 4 ImageNet synsets) told apart by a dominant colour and a stripe direction, so a
 kNN on raw pixels beats chance. Everything is a pure function of fixed seeds.
 
-Session fixtures of the same names (`tfds_imagenet_dir`, `tfds_imagenet_tfrecord_dir`,
+`make_tfds_finetune(root)` adds fine-tuning's data sets beside imagenet2012:
+imagenet2012_subset's '1pct' and '10pct' and CIFAR-shaped cifar10 / cifar100.
+
+Session fixtures of the same names (`tfds_imagenet_dir`, `tfds_finetune_dir`, `tfds_imagenet_tfrecord_dir`,
 `image_folder_labelled`, `image_folder_flat`) are available to every test module
 (`pytest_plugins` in conftest.py). `python tests/user_data.py DIR` writes them all to DIR.
 """
@@ -108,6 +111,71 @@ def _build_tfds(data_dir: str, file_format: str) -> None:
     prepared.info.write_to_directory(prepared.data_dir)
 
 
+# Fine-tuning's data sets (configs/finetune_*.py), beside imagenet2012 by `make_tfds_finetune`:
+# imagenet2012_subset's 1 % / 10 % configs (the first train images of each class, and
+# imagenet2012's validation split), and CIFAR-shaped cifar10 / cifar100 (32 px PNGs of
+# the same 4 classes: labels 0-3, cifar100's coarse label 0).
+SUBSETS = {'1pct': 8, '10pct': 16}  # train images per class
+CIFAR_SPLITS = {'train': 16, 'test': 8}  # images per class
+
+
+def _cifar_examples(split: str) -> list[tuple[str, dict]]:
+    rng = np.random.default_rng(10 + list(CIFAR_SPLITS).index(split))
+    result = []
+    for label in range(len(SYNSETS)):
+        for index in range(CIFAR_SPLITS[split]):
+            key = f'{split}_{label * CIFAR_SPLITS[split] + index:05d}'
+            result.append((key, dict(id=key, image=class_image(rng, label, 32, 32),
+                                     label=label)))
+    return result
+
+
+def _build_tfds_finetune(data_dir: str) -> None:
+    """Writes imagenet2012_subset/{1pct,10pct}, cifar10 and cifar100 (ArrayRecord) with
+    TFDS's writer and the registered builders' features and metadata."""
+    import tensorflow_datasets as tfds
+
+    def store(name, config, split_datasets):
+        full_name = f'{name}/{config}' if config else name
+        registered = tfds.builder(full_name, data_dir=data_dir, file_format='array_record')
+        tfds.dataset_builders.store_as_tfds_dataset(
+            name=name, version=str(registered.version), config=config,
+            features=registered.info.features, data_dir=data_dir,
+            split_datasets=split_datasets, file_format='array_record',
+            download_config=tfds.download.DownloadConfig(num_shards=1))
+        prepared = tfds.builder(full_name, data_dir=data_dir)
+        prepared.info.write_to_directory(prepared.data_dir)
+
+    train, validation = examples('train'), examples('validation')
+    for config, per_class in SUBSETS.items():
+        chosen = [example for example in train
+                  if int(example[0].split('_')[1].split('.')[0]) < per_class]
+        store('imagenet2012_subset', config, {
+            split: [(file_name, dict(image=encoded, label=label, file_name=file_name))
+                    for file_name, encoded, label in rows]
+            for split, rows in (('train', chosen), ('validation', validation))})
+    for name in ('cifar10', 'cifar100'):
+        splits = {}
+        for split in CIFAR_SPLITS:
+            rows = _cifar_examples(split)
+            if name == 'cifar100':
+                rows = [(key, dict(example, coarse_label=0)) for key, example in rows]
+            splits[split] = rows
+        store(name, None, splits)
+
+
+def make_tfds_finetune(root) -> str:
+    """A TFDS data_dir with imagenet2012 (as `make_tfds_imagenet`) and fine-tuning's
+    data sets (see SUBSETS); written by child processes (TensorFlow)."""
+    data_dir = make_tfds_imagenet(root)
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), '--tfds-finetune',
+                             data_dir], capture_output=True, text=True, timeout=300)
+    if result.returncode:
+        raise RuntimeError(f'writing the fine-tuning data sets in {data_dir} failed:\n'
+                           f'{result.stderr[-3000:]}')
+    return data_dir
+
+
 def make_tfds_imagenet(root, file_format: str = 'array_record') -> str:
     """Writes the generated imagenet2012 into `root` (a TFDS data_dir) and returns it.
 
@@ -180,6 +248,13 @@ def tfds_imagenet_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope='session')
+def tfds_finetune_dir(tmp_path_factory) -> str:
+    """imagenet2012 as `tfds_imagenet_dir`, with imagenet2012_subset/{1pct,10pct},
+    cifar10 and cifar100 beside it (`make_tfds_finetune`)."""
+    return built_once(tmp_path_factory, 'tfds_finetune', make_tfds_finetune)
+
+
+@pytest.fixture(scope='session')
 def tfds_imagenet_tfrecord_dir(tmp_path_factory) -> str:
     """The same imagenet2012 in TFRecord format (`tfds build`'s default)."""
     return built_once(tmp_path_factory, 'tfds_imagenet_tfrecord',
@@ -208,6 +283,8 @@ def image_folder_flat(_image_folders) -> str:
 if __name__ == '__main__':
     if sys.argv[1] == '--tfds':
         _build_tfds(*sys.argv[2:])
+    elif sys.argv[1] == '--tfds-finetune':
+        _build_tfds_finetune(*sys.argv[2:])
     else:
         out = sys.argv[1]
         print(make_tfds_imagenet(os.path.join(out, 'tfds')), *make_image_folders(out))
