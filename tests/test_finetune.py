@@ -43,9 +43,14 @@ def finetuned(tmp_path_factory):
     result = loop.train_and_evaluate(config, str(workdir))
     assert result['task'] == 'finetune' and result['step'] == 31
     assert result['eval/top1'] == pytest.approx(top1(workdir))
-    assert loop.train_and_evaluate(mnist_config('--config.init.source=random',
-                                                '--config.epochs=1'),
-                                   str(workdir))['finished_before']
+    # Started again (the evaluation's batch may change, it steers the run): finished.
+    again = mnist_config('--config.init.source=random', '--config.epochs=1',
+                         '--config.eval.batch_size=256')
+    assert loop.train_and_evaluate(again, str(workdir))['finished_before']
+    with pytest.raises(ConfigError, match='config.optimizer.lr=0.002, not 0.001'):
+        loop.train_and_evaluate(mnist_config('--config.init.source=random',
+                                             '--config.epochs=1',
+                                             '--config.optimizer.lr=0.001'), str(workdir))
     return workdir
 
 

@@ -23,7 +23,10 @@ from bam_jax.train.builder import ConfigError
 # Config keys (and key prefixes, ending in '.') that may change when a run resumes.
 RUN_CONTROL = ('log_every_steps', 'checkpoint_every_steps', 'max_checkpoints', 'shard_state',
                'profile_steps', 'data.num_workers', 'data.data_dir', 'data.max_bad_fraction',
-               'knn.', 'evaluation.')
+               'knn.', 'evaluation.',
+               # fine-tuning's end-of-epoch evaluation (top-1 / top-5) and its initial
+               # backbone's location (a resumed run reads its checkpoint, not that)
+               'eval.', 'init.workdir', 'init.file')
 
 # What a run writes into its workdir (all of it moves aside with --fresh).
 RUN_FILES = ('checkpoints', 'config.json', 'metrics.jsonl', 'events.out.tfevents.*',
