@@ -50,7 +50,8 @@ SHRINK_MNIST = ('--config.model.embed_dim=32', '--config.model.depth=1',
                 '--config.projector.out_dim=32', '--config.crops.n_local=2',
                 '--config.epochs=1')
 SHRINK_EVALUATE = ('--config.linear.epochs=1', '--config.linear.n_last_blocks=1', '--config.fewshot.n_episodes=10',
-                   '--config.kmeans.n_init=1', '--config.attention.num_images=2')
+                   '--config.kmeans.n_init=1', '--config.attention.num_images=2',
+                   '--config.davis.short_side=64')  # the generated 72×144 videos at 64×128
 SHRINK_CONVERT = ('--workers', '1')
 
 
@@ -113,15 +114,17 @@ def test_the_documentation_shows_the_commands_users_need():
     assert any('bam_jax.data.convert' in command for command in commands)
     assert any('bam_jax.export' in command for command in commands)
     assert any('bam_jax.evaluate' in command for command in commands)
+    assert any('--config.protocols=davis' in command for command in commands)
 
 
 @pytest.fixture
 def user_data_paths(tfds_imagenet_dir, tfds_imagenet_tfrecord_dir, image_folder_labelled,
-                    image_folder_flat) -> dict[str, str]:
+                    image_folder_flat, davis_root) -> dict[str, str]:
     """The documentation's placeholder paths → the generated data (longest first)."""
     return {'gs://BUCKET/tensorflow_datasets': tfds_imagenet_dir,
             '/data/tfrecords': tfds_imagenet_tfrecord_dir,
-            '/data/images': image_folder_labelled, '/data/photos': image_folder_flat}
+            '/data/images': image_folder_labelled, '/data/photos': image_folder_flat,
+            '/data/DAVIS': davis_root}
 
 
 def _lane(argv: list[str]) -> str:
