@@ -21,13 +21,13 @@ import json
 import os
 import platform
 import sys
-import time
 
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
+from _peak import best_seconds  # noqa: E402
 from configs import vit_small_imagenet  # noqa: E402
 from bam_jax.evaluate import davis  # noqa: E402
 from bam_jax.models import multicrop  # noqa: E402
@@ -47,14 +47,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def best_seconds(function, repeats: int) -> float:
-    jax.block_until_ready(function())  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(function())
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(function, repeats: int) -> float:
+    """Best seconds of `repeats` calls after a first one that compiles."""
+    jax.block_until_ready(function())
+    return best_seconds(lambda: jax.block_until_ready(function()), repeats)
 
 
 def main():
@@ -74,7 +70,7 @@ def main():
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (args.batch, *FRAME, 3), np.uint8)
     features = features_fn(frames, size)
-    feature_seconds = best_seconds(lambda: features_fn(frames, size), args.repeats)
+    feature_seconds = timed(lambda: features_fn(frames, size), args.repeats)
 
     labels = np.eye(CHANNELS, dtype=np.float32)[rng.integers(0, CHANNELS, grid[0] * grid[1])]
     queue = davis.empty_queue(N_LAST_FRAMES, features.shape[1], features.shape[2], CHANNELS)
@@ -87,7 +83,7 @@ def main():
     def propagate():
         return davis._propagate(queue, features[0], labels, features, valid, grid=grid,
                                 patch_size=patch, radius=12, topk=5, temperature=0.1)
-    propagation_seconds = best_seconds(propagate, args.repeats)
+    propagation_seconds = timed(propagate, args.repeats)
 
     per_frame = {'features': feature_seconds / args.batch,
                  'propagation': propagation_seconds / args.batch}

@@ -219,7 +219,8 @@ TINY_VIT = (f'--run_config={TINY}', '--run_config.model.embed_dim=32',
             '--run_config.model.depth=1', '--run_config.model.num_heads=2',
             '--run_config.model.patch_size=8')
 TINY_RESNET = (f'--run_config={REPO}/configs/resnet50_imagenet.py',
-               '--run_config.model.width=8', '--run_config.model.stage_depths=(1, 1, 1, 1)')
+               '--run_config.model.width=8', '--run_config.model.stage_depths=(1, 1, 1, 1)',
+               '--run_config.crops.global_size=32', '--run_config.crops.local_size=16')
 
 
 def evaluate_davis(*flags, devices=1, model=TINY_VIT):

@@ -356,6 +356,9 @@ class Evaluation:
             davis_lib.check_backbone(self.subject.backbone)
         except ValueError as error:
             raise EvaluationError(f'the davis protocol: {error}') from error
+        if jax.process_count() > 1:
+            raise EvaluationError('the davis protocol runs in one process (all its devices); '
+                                  f'this run has {jax.process_count()}')
         patch_size = self.subject.backbone.patch_size
         n_last_frames = tuple(settings.n_last_frames)
         for name, ok in (('n_last_frames', n_last_frames and min(n_last_frames) >= 1),
