@@ -19,7 +19,10 @@ from PIL import Image
 import pytest
 
 from bam_jax.data.sources import DataError
-from bam_jax.evaluate import davis, jandf
+from bam_jax.evaluate import davis, jandf, runner
+from bam_jax.models.vit import vit
+from configs import evaluate as evaluate_config
+from configs import mnist
 from conftest import REPO, TINY, data_mesh, environment
 import user_data
 
@@ -69,10 +72,14 @@ def test_statistics_and_sequence_scores_leave_out_first_and_last_frames():
         jandf.score_sequence(truth, np.full_like(truth, 3))
 
 
+def skimage_dilation(mask, radius):
+    from skimage.morphology import dilation, disk
+    return dilation(mask.astype(np.uint8), disk(radius)) > 0
+
+
 def skimage_f_measure(truth, prediction, bound_th=0.008):
     """The toolkit's F written independently: boundaries pixel by pixel, dilation by
     scikit-image."""
-    from skimage.morphology import binary_dilation, disk
 
     def boundary(mask):
         height, width = mask.shape
@@ -95,8 +102,8 @@ def skimage_f_measure(truth, prediction, bound_th=0.008):
     t, p = boundary(truth), boundary(prediction)
     if not t.any() or not p.any():
         return float(not t.any() and not p.any())
-    precision = (p & binary_dilation(t, disk(radius))).sum() / p.sum()
-    recall = (t & binary_dilation(p, disk(radius))).sum() / t.sum()
+    precision = (p & skimage_dilation(t, radius)).sum() / p.sum()
+    recall = (t & skimage_dilation(p, radius)).sum() / t.sum()
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
@@ -111,10 +118,9 @@ def test_f_measure_equals_a_scikit_image_implementation():
             assert jandf.boundary_measure(truth, prediction) == pytest.approx(
                 skimage_f_measure(truth, prediction))
     mask = rng.random((40, 50)) < 0.3
-    from skimage.morphology import binary_dilation, disk
     for radius in (1, 2, 5):
         np.testing.assert_array_equal(jandf.disk_dilation(mask, radius),
-                                      binary_dilation(mask, disk(radius)))
+                                      skimage_dilation(mask, radius))
 
 
 # ------------------------------------------------------------------ propagation
@@ -305,3 +311,19 @@ def test_missing_root_and_unprepared_tfds_are_data_errors(tmp_path):
     with pytest.raises(DataError, match='davis/480p .* is not prepared; set '
                                         'config.davis.root'):
         davis.make_source(settings)
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(n_last_frames=(0,)), r'n_last_frames=\(0,\): n_last_frames must be ≥ 1'),
+    (dict(batch_size=3), 'config.davis.batch_size=3: .* a multiple of the 8 devices'),
+    (dict(short_side=60), 'config.davis.short_side=60: .* the patch size 8'),
+    (dict(sequences='blocks', root=None), r'davis/480p .* is not prepared'),
+])
+def test_settings_are_checked_before_any_work(change, message, davis_root, tmp_path):
+    config = evaluate_config.get_config()
+    config.davis.update(dict(root=davis_root, tfds_data_dir=str(tmp_path)))
+    config.davis.update(change)
+    subject = runner.Subject('random', vit('tiny', patch_size=8), None, {})
+    evaluation = runner.Evaluation(config, mnist.get_config(), subject, protocols=['davis'])
+    with pytest.raises((runner.EvaluationError, DataError), match=message):
+        evaluation.check(['davis'])

@@ -24,8 +24,8 @@ kNN on raw pixels beats chance. Everything is a pure function of fixed seeds.
   builder's features).
 
 Session fixtures of the same names (`tfds_imagenet_dir`, `tfds_imagenet_tfrecord_dir`,
-`image_folder_labelled`, `image_folder_flat`, `davis_root`, `tfds_davis_dir`) are available to every test module
-(`pytest_plugins` in conftest.py). `python tests/user_data.py DIR` writes them all to DIR.
+`image_folder_labelled`, `image_folder_flat`, `davis_root`, `tfds_davis_dir`) are available
+to every test module (`pytest_plugins` in conftest.py). `python tests/user_data.py DIR` writes them all to DIR.
 """
 
 import functools

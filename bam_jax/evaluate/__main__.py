@@ -13,8 +13,8 @@ workdir) gives the data defaults and, in its `evaluation` section, settings of i
 `--features=random` evaluates the run's architecture at its random initialisation,
 `--features=pixels` raw pixels. The results are printed as a table and written, all or
 nothing, to `--out` (JSON); the attention figures go to the directory
-`OUT_STEM.attention/`, the DAVIS masks and overlays to `OUT_STEM.davis/`. Bad input stops with one `error:` line and exit status 1, before
-anything is written.
+`OUT_STEM.attention/`, the DAVIS masks and overlays to `OUT_STEM.davis/`. Bad input stops
+with one `error:` line and exit status 1, before anything is written.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def disk_dilation(mask: np.ndarray, radius: int) -> np.ndarray:
     for dy in range(-radius, radius + 1):
         half = math.isqrt(radius * radius - dy * dy)
         if half not in horizontal:
-            # pixels x - half .. x + half of the row: padded[x + r + 1 + half] - padded[x + r - half]
+            # the row's pixels x - half .. x + half: a difference of the running sums
             start = radius + 1
             horizontal[half] = (padded[:, start + half:start + half + width]
                                 - padded[:, start - half - 1:start - half - 1 + width]) > 0
@@ -81,7 +81,7 @@ def disk_dilation(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def boundary_radius(shape: tuple[int, int], bound_th: float = BOUND_TH) -> int:
-    """The matching tolerance in pixels: ceil(bound_th · diagonal) (bound_th ≥ 1: pixels)."""
+    """The matching tolerance: ceil(bound_th · diagonal) pixels; bound_th ≥ 1 is pixels."""
     return int(bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*shape)))
 
 
