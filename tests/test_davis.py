@@ -277,27 +277,34 @@ BAD_INPUTS = {  # case: (its message, in the one error line)
     'missing sequence': "sequences ['no-such-sequence'] are not in the split",
     'not indexed': "00003.png is a 'L' PNG; DAVIS annotations are indexed ('P') PNGs",
     'resnet': "label propagation needs a ViT's patch tokens; ResNet has none",
+    # No root: TFDS's davis/480p, here not prepared (TFDS's own warnings held back).
+    'unprepared tfds': "TFDS data set davis/480p in data_dir='{}' is not prepared; set "
+                       'config.davis.root',
 }
 
 
 @pytest.mark.parametrize('case', BAD_INPUTS)
 def test_bad_input_is_one_error_line(case, davis_root, tmp_path):
     root, flags, model = davis_root, (), TINY_VIT
-    if case == 'not indexed':
+    message = BAD_INPUTS[case]
+    if case == 'unprepared tfds':
+        root, flags = None, (f'--config.davis.tfds_data_dir={tmp_path}',)
+        message = message.format(tmp_path)
+    elif case == 'not indexed':
         root = tmp_path / 'DAVIS'
         shutil.copytree(davis_root, root)
         not_indexed(root)
     elif case == 'missing sequence':
         flags = ('--config.davis.sequences=blocks,no-such-sequence',)
-    else:
+    elif case == 'resnet':
         model = TINY_RESNET
     out = tmp_path / 'out' / 'eval.json'
     out.parent.mkdir()
-    result = evaluate_davis(f'--config.davis.root={root}', *flags, f'--out={out}',
-                            model=model)
+    root = () if root is None else (f'--config.davis.root={root}',)
+    result = evaluate_davis(*root, *flags, f'--out={out}', model=model)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
-    assert lines[0].startswith('error: ') and BAD_INPUTS[case] in lines[0], lines[0]
+    assert lines[0].startswith('error: ') and message in lines[0], lines[0]
     assert list(out.parent.iterdir()) == []  # nothing written
 
 

@@ -25,6 +25,7 @@ channel that is constant but positive is left at 0 by the min-max (DINO divides 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import pathlib
@@ -33,6 +34,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
@@ -129,6 +131,18 @@ class DavisFolder:
                      lambda index: _read_rgb(frames[index]), read_mask)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """TFDS's warnings held back (a missing dataset_info.json when looking for a set, no
+    OpenCV to decode with): the command's output is its own lines, or one `error:`."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 class DavisTfds:
     """A prepared TFDS `davis` data set (ArrayRecord), read with `tfds.data_source`,
     decoded with PIL, without TensorFlow. Its `video/frames` are JPEGs and
@@ -141,10 +155,12 @@ class DavisTfds:
         split = TFDS_SPLITS.get(split, split)
         where = f'{name} in data_dir={data_dir!r}'
         try:
-            builder = tfds.builder(name, data_dir=data_dir)
+            with _quiet():
+                builder = tfds.builder(name, data_dir=data_dir)
+                prepared = builder.is_prepared()
         except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:
             raise DataError(f'unknown TFDS data set {where}: {error}') from None
-        if not builder.is_prepared():
+        if not prepared:
             raise DataError(f'TFDS data set {where} is not prepared; set config.davis.root '
                             'to a DAVIS-2017 root, or prepare it with `tfds build '
                             f'{name} --file_format=array_record`.')
@@ -159,13 +175,15 @@ class DavisTfds:
             raise DataError(f'TFDS data set {where}: {error}') from None
         self._index = {}
         for index in range(len(self._source)):
-            video_name = self._source[index]['metadata']['video_name']
+            with _quiet():
+                video_name = self._source[index]['metadata']['video_name']
             self._index[video_name.decode() if isinstance(video_name, bytes)
                         else str(video_name)] = index
         self.names = sorted(self._index)
 
     def video(self, name: str) -> Video:
-        example = self._source[self._index[name]]['video']
+        with _quiet():
+            example = self._source[self._index[name]]['video']
         frames, masks = example['frames'], example['segmentations']
         return Video(name, tuple(f'{index:05d}' for index in range(len(frames))),
                      lambda index: np.asarray(frames[index]),
