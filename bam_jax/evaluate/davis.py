@@ -461,7 +461,7 @@ def evaluate_videos(videos: Sequence[Video], features_fn, settings: Settings, *,
             if scored:
                 scores[n][video.name] = jandf.score_sequence(np.stack(truth), predicted)
                 line += f', J&F {scores[n][video.name]["J&F"]:.3f} (n_last_frames={n})'
-        log(line + ('' if scored else ', not scored: not every frame is annotated'))
+        log(line + ('' if scored else ', not scored: it needs 3 frames, all annotated'))
     return {'runs': [{'n_last_frames': n, 'global': (jandf.global_scores(scores[n])
                                                      if scores[n] else {}),
                       'sequences': scores[n]} for n in settings.n_last_frames]}
