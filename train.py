@@ -65,6 +65,7 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax  # after flag parsing, so --help and flag errors are instant
+    command_line.skip_absent_tpu()
 
     if _COORDINATOR.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -90,37 +91,38 @@ def main(argv):
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as error:
         sys.exit(f'error: {error}')
     except KeyboardInterrupt:  # before the first step: nothing to save yet
-        sys.exit(128 + signal.SIGINT)
-    if jax.process_index() == 0:
+        sys.exit(command_line.interrupted('no step had run, nothing was saved'))
+    if jax.process_index() == 0 and not result['signal']:  # stopped: the log said so
         print(_summary(result, workdir), flush=True)
     if result['signal']:
         sys.exit(128 + result['signal'])  # stopped early, resumable: as if killed by it
 
 
 def _summary(result: dict, workdir: str) -> str:
-    """Where the run's outputs are and what to run next."""
-    step, stopped = result['step'], result['signal']
-    if stopped:
-        head = (f'Stopped by {signal.Signals(stopped).name} at step {step}; the same command '
-                'resumes from there.')
-    else:
-        knn = ', '.join(f'{name.split("/")[-1]} {value:.1f} %'
-                        for name, value in sorted(result.items()) if name.startswith('knn/'))
-        head = (f'The run finished at step {step}' + (f' (kNN {knn}).' if knn else '.')
-                + (' It had finished before: nothing was recomputed.'
-                   if result['finished_before'] else ''))
-    quoted = shlex.quote(workdir)
-    return '\n'.join([
-        head,
+    """Where the run's outputs are and what to run next: each command runs as printed."""
+    step, quoted = result['step'], shlex.quote(workdir)
+    knn = ', '.join(f'{name.split("/")[-1]} {value:.1f} %'
+                    for name, value in sorted(result.items()) if name.startswith('knn/'))
+    lines = [
+        f'The run finished at step {step}' + (f' (kNN {knn}).' if knn else '.')
+        + (' It had finished before: nothing was recomputed.'
+           if result['finished_before'] else ''),
         f'  {workdir}/checkpoints/   train state (student, EMA teacher, optimizer, input '
         'position)',
         f'  {workdir}/metrics.jsonl  every logged scalar (TensorBoard: tensorboard --logdir '
         f'{quoted})',
         f'  {workdir}/config.json    the resolved config',
         'Next:',
-        f'  python -m bam_jax.evaluate --workdir={quoted} --out={quoted}/eval.json',
-        f'  python -m bam_jax.export --workdir={quoted} --out={quoted}/backbone.safetensors',
-    ])
+        f'  python -m bam_jax.runs {quoted}',
+    ]
+    if result['labelled']:
+        lines.append(f'  python -m bam_jax.evaluate --workdir={quoted} --out={quoted}/eval.json')
+    lines.append(f'  python -m bam_jax.export --workdir={quoted} '
+                 f'--out={quoted}/backbone.safetensors')
+    if not result['labelled']:
+        lines.append('The evaluation needs labels, which this run\'s splits lack: evaluate '
+                     'the exported backbone on labelled images (docs/evaluation.md).')
+    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

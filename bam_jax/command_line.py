@@ -18,14 +18,20 @@ No JAX here (importing this is instant, so are --help and flag errors).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
+import signal
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
+from ml_collections.config_dict import placeholder
 from ml_collections.config_flags import config_path
+
+from bam_jax import lifetime
 
 HELP = ('--help', '-h', '-?', '--helpshort')  # absl's --helpfull lists every library's flags
 # The libraries' own switches, set unless the user set them (see `quiet_startup`).
@@ -56,6 +62,23 @@ def quiet_startup():
         os.environ.setdefault(name, value)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def skip_absent_tpu():
+    """Drops JAX's TPU backend where libtpu is installed but the host has no TPU chip (a
+    CPU host that compiles for TPUs, a GPU node): JAX would still start libtpu there,
+    which prints six lines of failed TPU discovery at every command. On a TPU VM, and
+    where JAX_PLATFORMS is set, nothing changes. Imports JAX; call it before JAX's
+    backends start (the first `jax.devices()`)."""
+    import importlib.util
+    if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
+        return
+    import dataclasses
+    from jax._src import hardware_utils, xla_bridge  # pylint: disable=import-outside-toplevel
+    factories = getattr(xla_bridge, '_backend_factories', {})
+    if 'tpu' in factories and hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        # The platform stays known (lowering rules name it); it just has no devices here.
+        factories['tpu'] = dataclasses.replace(factories['tpu'], factory=lambda: None)
 
 
 def asks_for_help(argv, options=HELP) -> bool:
@@ -90,7 +113,7 @@ def _bad_override(argv, name: str, config_file: str | None) -> str | None:
     if not overrides or config_file is None:
         return None
     try:
-        config = config_flags.config_flags.ConfigFileFlagParser(name).parse(config_file)
+        config = _ConfigFileParser(name).parse(config_file)
     except Exception:  # a broken file: ml_collections reports it itself
         return None
     for override in overrides:
@@ -119,12 +142,46 @@ def override_error(argv, error, names=('config',), defaults=None) -> str:
     return f'{override}: no such config key ({message}). The config file lists the keys.'
 
 
+def config_from_json(tree) -> ml_collections.ConfigDict:
+    """A resolved config (a workdir's `config.json`, or the run config an export keeps
+    beside its weights) as a config file gives it: JSON's lists back to tuples, and its
+    nulls to optional strings (the shipped configs' only unset keys, `data.data_dir` and
+    `knn.train_split`), so that `--config.<key>` overrides it like a `configs/*.py`."""
+    def typed(value):
+        if isinstance(value, dict):
+            return {key: typed(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return tuple(typed(item) for item in value)
+        return placeholder(str) if value is None else value
+    return ml_collections.ConfigDict(typed(tree))
+
+
+class _ConfigFileParser(config_flags.config_flags.ConfigFileFlagParser):
+    """ml_collections' config file parser that also reads a `config.json`."""
+
+    def parse(self, path):
+        if not str(path).endswith('.json'):
+            return super().parse(path)
+        try:
+            with open(path) as file:
+                tree = json.load(file)
+        except (OSError, ValueError) as error:
+            return config_flags.config_flags._ErrorConfig(  # pylint: disable=protected-access
+                OSError(f'{error}'))
+        config = config_from_json(tree)
+        if self._lock_config:
+            config.lock()
+        return config
+
+
 def define_config_file(name: str, default: str | None, help_string: str):
-    """`config_flags.DEFINE_config_file(..., lock_config=True)`, listed by `--help`;
-    exits on a bad override."""
+    """`config_flags.DEFINE_config_file(..., lock_config=True)` that also takes a
+    workdir's `config.json`, listed by `--help`; exits on a bad override."""
     try:  # With a default file, overrides are applied here already.
-        holder = config_flags.DEFINE_config_file(name, default, help_string,
-                                                 lock_config=True)
+        holder = flags.DEFINE_flag(config_flags.config_flags._ConfigFlag(  # pylint: disable=protected-access
+            parser=_ConfigFileParser(name=name, lock_config=True),
+            serializer=flags.ArgumentSerializer(), name=name, default=default,
+            help_string=help_string, flag_values=flags.FLAGS))
     except (AttributeError, KeyError) as error:
         sys.exit(f'error: {override_error(sys.argv, error, (name,), {name: default})}')
     except flags.Error as error:  # a value of the wrong type
@@ -151,6 +208,12 @@ def parse_flags(argv, names=('config',)):
     for name in names:
         _check_loaded(name)
     return remaining
+
+
+def interrupted(outcome: str) -> int:
+    """A command stopped by Ctrl-C: one line on stderr, and the shell's status for it."""
+    print(f'Stopped by SIGINT; {outcome}.', file=sys.__stderr__, flush=True)
+    return 128 + signal.SIGINT
 
 
 def one_line(error: BaseException) -> str:
@@ -182,6 +245,8 @@ def _check_loaded(name: str):
 
 
 def run(main, names=('config',)):
-    """`app.run(main)` for a command with config files: help, quiet start-up, errors."""
+    """`app.run(main)` for a command with config files: help, quiet start-up, errors,
+    Ctrl-C that reaches no child process (`lifetime.route_interrupts`)."""
     quiet_startup()
+    lifetime.route_interrupts()
     app.run(main, flags_parser=lambda argv: parse_flags(argv, names))

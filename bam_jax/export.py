@@ -356,7 +356,8 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     return export_backbone(
         backbone_variables(state, weights), config.model.to_dict(), out,
         file_format=file_format, official=official_networks(state) if official else None,
-        info={'weights': weights, 'step': int(step), 'workdir': str(workdir.absolute())},
+        info={'weights': weights, 'step': int(step), 'workdir': str(workdir.absolute()),
+              'run_config': json.loads(config.to_json_best_effort())},
         overwrite=overwrite)
 
 
@@ -413,6 +414,18 @@ def _check_same_architecture(found: Mapping[str, Any], expected: Mapping[str, An
         raise ArchitectureMismatch(f'{source} is for another architecture: {shown}')
 
 
+def sidecar_run_config(path: pathlib.Path):
+    """The run config kept in the JSON beside an exported file, or None (an official
+    checkpoint, a timm file, or an export older than the key)."""
+    from bam_jax import command_line
+    sidecar = path.with_suffix('.json')
+    try:
+        tree = json.loads(sidecar.read_text()).get('run_config')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if tree is None else command_line.config_from_json(tree)
+
+
 def import_backbone(path: str | pathlib.Path, config,
                     weights: str | None = None) -> dict[str, Any]:
     """Backbone variables (NumPy) for `config`'s model from a PyTorch file.
@@ -463,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                         help='replace existing output files')
     args = parser.parse_args(argv)
     command_line.quiet_startup()
+    command_line.skip_absent_tpu()
     try:
         summary = export_workdir(args.workdir, args.out, step=args.step,
                                  weights=args.weights, file_format=args.format,
@@ -470,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError, OSError) as error:  # ValueError: bad config values
         print(f'error: {error}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return command_line.interrupted('nothing was written')
     print(f'wrote {summary["file"]}: {summary["weights"]} backbone of step '
           f'{summary["step"]} ({summary["model_name"] or summary["model_class"]})')
     print(f'wrote {pathlib.Path(summary["file"]).with_suffix(".json")}')

@@ -90,4 +90,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+    from bam_jax import lifetime
+    lifetime.end_with_parent()  # a killed export leaves no torch process behind
     sys.exit(main())

@@ -22,7 +22,8 @@ from ml_collections.config_dict import placeholder
 
 def get_config():
     config = ml_collections.ConfigDict()
-    # Any of knn, linear, fewshot, retrieval, kmeans, attention, davis, comma-separated.
+    # Any of knn, linear, logreg, fewshot, retrieval, kmeans, attention, davis,
+    # comma-separated.
     config.protocols = 'knn,linear'
 
     config.data = ml_collections.ConfigDict(dict(
@@ -51,6 +52,27 @@ def get_config():
         # The official training views: RandomResizedCrop(scale 0.08-1) and a flip.
         crop_scale=(0.08, 1.0), flip_prob=0.5,
         train_fraction=1.0, seed=0))
+
+    # Transfer by L-BFGS logistic regression on the shared features (Table 5, top; the
+    # protocol of SimCLR/BYOL and Kornblith et al. 2019): λ (per example, the objective's
+    # (λ/2)‖W‖² beside the mean cross-entropy; scikit-learn's C = 1 / (n·λ)) chosen on a
+    # validation split, then refitted on train + validation and scored on test.
+    config.logreg = ml_collections.ConfigDict(dict(
+        num_lambdas=45,  # SimCLR / BYOL / Kornblith et al.: 45 log-spaced values...
+        lambda_range=(1e-6, 1e5),  # ...between 1e-6 and 1e5
+        # A split holding the validation examples; default: carve a class-balanced
+        # validation_fraction of train (eval_input.balanced_subset), as those papers do
+        # for data sets without one.
+        validation_split=placeholder(str),
+        # Ours: a 20 % hold-out; the papers hold out part of train without one fraction.
+        validation_fraction=0.2,
+        # L-BFGS iterations per fit. Ours: scikit-learn's default (100) stops short at
+        # small λ; the papers fit to convergence.
+        max_iters=1000,
+        # On the mean objective's gradient norm: scikit-learn's default tol value (it
+        # bounds the largest gradient component there).
+        tol=1e-4,
+        seed=0))  # of the validation carve (balanced_subset's; official kNN: 0)
 
     config.fewshot = ml_collections.ConfigDict(dict(
         split='test', n_way=5, n_shot=5, n_query=15, n_episodes=600,

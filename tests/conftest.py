@@ -2,6 +2,7 @@
 
 Every multi-device path is tested on meshes built from subsets of these devices.
 """
+import json
 import os
 import pathlib
 import shutil
@@ -33,6 +34,7 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='bam_
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import jax  # noqa: E402  (after the flags)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
@@ -42,6 +44,26 @@ from user_data import built_once  # noqa: E402
 assert jax.device_count() == 8, 'tests need 8 simulated devices; was JAX imported early?'
 
 pytest_plugins = ('user_data',)  # generated data sets as users have them, for every module
+
+
+def timm_child(script: str, jobs, arrays: dict, scratch: pathlib.Path
+               ) -> tuple[dict, dict]:
+    """Runs `script` (torch / timm code) in a child Python, which never imports
+    TensorFlow (other tests may have imported it here, and torch after TensorFlow
+    segfaults). The script gets the paths of `jobs` (JSON), `arrays` (npz) and its output
+    `out.npz`; it writes that and `out.npz.json`, a report holding 'tensorflow_imported'.
+    Returns (its arrays, its report)."""
+    (scratch / 'jobs.json').write_text(json.dumps(jobs))
+    np.savez(scratch / 'arrays.npz', **arrays)
+    out = scratch / 'out.npz'
+    result = subprocess.run([sys.executable, '-c', script, str(scratch / 'jobs.json'),
+                             str(scratch / 'arrays.npz'), str(out)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.with_name(out.name + '.json').read_text())
+    assert not report['tensorflow_imported']
+    with np.load(out) as outputs:
+        return dict(outputs), report
 
 
 def data_mesh(n_devices: int) -> jax.sharding.Mesh:

@@ -27,7 +27,7 @@ from bam_jax.models import torch_layout
 from bam_jax.models.timm_names import ArchitectureMismatch, timm_backbone
 from bam_jax.models.vit import vit
 from bam_jax.train.checkpoint import Checkpointer
-from conftest import changed_copy, corrupt_checkpoint, data_mesh
+from conftest import changed_copy, corrupt_checkpoint, data_mesh, timm_child
 from configs import caformer_m36_imagenet, resnet50_imagenet
 from test_backbones import TINY_CAFORMER, TINY_RESNET, tiny_backbone_config
 from test_train import leaves_with_paths, place, random_batch, tiny_config
@@ -78,17 +78,8 @@ json.dump({'reports': reports, 'tensorflow_imported': 'tensorflow' in sys.module
 
 def timm_features(jobs, images, scratch: pathlib.Path):
     """{job/size/cls|tokens: array} and {job: key report} from real timm."""
-    (scratch / 'jobs.json').write_text(json.dumps(jobs))
-    np.savez(scratch / 'images.npz', **images)
-    result = subprocess.run(
-        [sys.executable, '-c', TIMM_FEATURES, str(scratch / 'jobs.json'),
-         str(scratch / 'images.npz'), str(scratch / 'features.npz')],
-        capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    info = json.loads((scratch / 'features.npz.json').read_text())
-    assert not info['tensorflow_imported']
-    with np.load(scratch / 'features.npz') as features:
-        return dict(features), info['reports']
+    features, report = timm_child(TIMM_FEATURES, jobs, images, scratch)
+    return features, report['reports']
 
 
 def random_images(sizes, seed=0):

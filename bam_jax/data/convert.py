@@ -31,7 +31,7 @@ import tempfile
 import time
 import uuid
 
-from bam_jax import command_line
+from bam_jax import command_line, lifetime
 from bam_jax.data.sources import DataError
 
 # What TFDS's `ArrayRecordFileAdapter.write_examples` passes to `ArrayRecordWriter`
@@ -177,7 +177,8 @@ def copy_shards(shards: list[Shard], workers: int):
         return
     # Spawned, not forked: TensorFlow's runtime does not survive a fork.
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context('spawn'))
+        workers, mp_context=multiprocessing.get_context('spawn'),
+        initializer=lifetime.end_with_parent)
     try:
         yield from pool.map(copy_shard, shards)
     finally:
@@ -295,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return command_line.interrupted('the partial copy was removed')
     splits = ', '.join(f'{split} ({count} records)' for split, count in converted.splits.items())
     print(f'Converted {args.name} {splits}: {converted.num_shards} ArrayRecord shards, '
           f'{converted.num_bytes / 1e6:.1f} MB in {converted.seconds:.1f} s, now in '

@@ -163,7 +163,7 @@ def make_eval_input(source, *, image_size: int, batch_size: int,
         flip_prob=flip_prob))
     dataset = dataset.batch(batch_size).to_iter_dataset(pipeline.read_options(source))
     if num_workers:
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        dataset = pipeline.worker_processes(dataset, num_workers)
     return EvalInput(dataset, num_batches=len(slots) // batch_size, batch_size=batch_size,
                      num_examples=len(indices))
 

@@ -15,6 +15,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from bam_jax import lifetime
 from bam_jax.data import crops as crops_lib
 from bam_jax.data import sources
 
@@ -131,6 +132,12 @@ def read_options(source) -> grain.ReadOptions:
     return grain.ReadOptions()
 
 
+def worker_processes(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """`dataset` read ahead by `num_workers` processes that end with this one."""
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                               worker_init_fn=lifetime.grain_worker_init)
+
+
 def make_pipeline(source, crops_config, *, batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, num_epochs: int | None = None, shuffle: bool = True,
                   num_workers: int = 0, max_bad_fraction: float = 0.01,
@@ -155,7 +162,7 @@ def make_pipeline(source, crops_config, *, batch_size: int, seed: int, process_i
     dataset = _ProcessSlice(dataset, batch_size, process_index, process_count)
     dataset = dataset.to_iter_dataset(read_options(source))
     if num_workers:
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        dataset = worker_processes(dataset, num_workers)
     return _SkipBadAndBatch(dataset, batch_size, shard_length=len(source) // process_count,
                             max_bad_fraction=max_bad_fraction)
 

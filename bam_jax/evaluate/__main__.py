@@ -1,14 +1,15 @@
-r"""Evaluates a frozen backbone with every protocol: kNN, linear probe, few-shot, retrieval,
-k-means, attention maps, DAVIS video object segmentation.
+r"""Evaluates a frozen backbone with every protocol: kNN, linear probe, L-BFGS logistic
+regression, few-shot, retrieval, k-means, attention maps, DAVIS video object segmentation.
 
   python -m bam_jax.evaluate --workdir DIR [--step N] [--weights teacher|student] \
     [--features checkpoint|random|pixels] [--out FILE.json] [--config.<key>=<value> ...]
-  python -m bam_jax.evaluate --backbone FILE.safetensors|.pth --run_config CONFIG.py ...
+  python -m bam_jax.evaluate --backbone FILE.safetensors|.pth [--run_config CONFIG] ...
 
 The protocols and their settings are in `configs/evaluate.py` (`--config`). The run's
-config (the workdir's `config.json`, or `--run_config`: a training config file, also
-overridable, `--run_config.model.depth=...`, for a backbone file or a baseline without a
-workdir) gives the data defaults and, in its `evaluation` section, settings of its own
+config (the workdir's `config.json`; for a file exported by `bam_jax.export`, the run
+config kept in the JSON beside it; or `--run_config`: a `configs/*.py` file or a workdir's
+`config.json`, overridable, `--run_config.model.depth=...`, for an official checkpoint or
+a baseline without a workdir) gives the data defaults and, in its `evaluation` section, settings of its own
 (the MNIST default's linear probe); `--config.<key>` overrides win over both.
 `--features=random` evaluates the run's architecture at its random initialisation,
 `--features=pixels` raw pixels. The results are printed as a table and written, all or
@@ -36,8 +37,9 @@ _CONFIG = command_line.define_config_file(
     'The protocols and their settings (configs/evaluate.py); override keys with '
     '--config.<key>=<value>.')
 _RUN_CONFIG = command_line.define_config_file(
-    'run_config', None, 'The training config file of the backbone (architecture and data) '
-    'when there is no --workdir; override keys with --run_config.<key>=<value>.')
+    'run_config', None, 'The training config (a configs/*.py file or a workdir\'s '
+    'config.json) of the backbone (architecture and data) when there is no --workdir; '
+    'override keys with --run_config.<key>=<value>.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (train.py --workdir).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
 _WEIGHTS = flags.DEFINE_enum('weights', None, ['teacher', 'student'],
@@ -59,15 +61,20 @@ def _fail(message: str):
     os._exit(1)
 
 
-def _run_config(workdir):
+def _run_config(workdir, backbone):
     from bam_jax import export
     if workdir is not None:
         if flags.FLAGS['run_config'].present:
             _fail('pass --workdir or --run_config, not both: a workdir has its config.json')
         return export.load_run_config(workdir)
+    if _RUN_CONFIG.value is None and backbone is not None:
+        recorded = export.sidecar_run_config(backbone)
+        if recorded is not None:
+            return recorded
     if _RUN_CONFIG.value is None:
-        _fail('pass --workdir DIR, or --run_config CONFIG.py (the training config of '
-              '--backbone FILE, or of a --features=random|pixels baseline)')
+        _fail('pass --workdir DIR, or --run_config CONFIG (a configs/*.py file or a '
+              "workdir's config.json: the training config of --backbone FILE, or of a "
+              '--features=random|pixels baseline)')
     return _RUN_CONFIG.value
 
 
@@ -92,13 +99,19 @@ def _output_paths(out: str | None, protocols
     return out, directories
 
 
+def _number(value) -> str:
+    """Two decimals; three significant digits for what two decimals would hide (λ)."""
+    if not isinstance(value, float):
+        return str(value)
+    return f'{value:.2f}' if value == 0 or 0.01 <= abs(value) < 1e6 else f'{value:.3g}'
+
+
 def _table(results) -> list[str]:
     rows = [('protocol', 'metric', 'value')]
     for protocol, numbers in results.items():
         for name, value in numbers.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.append((protocol, name, f'{value:.2f}' if isinstance(value, float)
-                             else str(value)))
+                rows.append((protocol, name, _number(value)))
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     return [f'{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}'
             for row in rows]
@@ -109,6 +122,7 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     logging.set_verbosity(logging.WARNING)  # progress goes to stdout, errors to stderr
     import jax
+    command_line.skip_absent_tpu()
     from bam_jax import export
     from bam_jax.data.sources import DataError
     from bam_jax.evaluate import runner
@@ -124,7 +138,7 @@ def main(argv):
             _fail('pass --workdir DIR or --backbone FILE (or --features=random|pixels)')
         if workdir is not None and backbone is not None:
             _fail('pass --workdir or --backbone, not both')
-        run_config = _run_config(workdir)
+        run_config = _run_config(workdir, backbone)
         config_flag = flags.FLAGS['config']
         config, settings = runner.protocol_config(
             _CONFIG.value, run_config, config_flags.get_override_values(config_flag),
@@ -159,6 +173,9 @@ def main(argv):
     except (export.ExportError, DataError, ValueError, OSError) as error:
         # ValueError: bad settings and the architecture mismatches (ArchitectureMismatch).
         _fail(str(error).replace('\n', ' '))
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        os._exit(command_line.interrupted('nothing was written'))
     print('\n'.join(_table(results)))
     if out is not None:
         print(f'wrote {out}' + ''.join(f' and {directory}/'

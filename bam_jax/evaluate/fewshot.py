@@ -44,6 +44,14 @@ LOGISTIC_CONTRACTION = 20
 _CHUNK_FLOATS = 1 << 24
 
 
+def eligible_classes(labels, n_per_class: int) -> int:
+    """How many classes have at least `n_per_class` labelled rows: the most ways an
+    episode can have."""
+    labels = np.asarray(labels)
+    counts = np.unique(labels[labels >= 0], return_counts=True)[1]
+    return int((counts >= n_per_class).sum())
+
+
 def _class_table(labels: np.ndarray, n_per_class: int) -> tuple[np.ndarray, np.ndarray]:
     """The rows of each class with at least `n_per_class` of them: `[C, max count]`
     padded with -1, and the counts `[C]`."""

@@ -10,9 +10,10 @@ initialisation (the run's own seed: its step-0 backbone), or raw pixels (the eva
 crops resized to `config.pixels_size` and flattened): the README's baselines.
 
 The train and test splits' features are extracted once, sharded over all devices, and
-shared by kNN, few-shot, retrieval and k-means; the linear probe runs the backbone on
-its own augmented crops (`bam_jax.evaluate.linear`). Few-shot, retrieval, k-means and
-the attention figures live in their own modules, imported only when asked for.
+shared by kNN, the L-BFGS logistic regression, few-shot, retrieval and k-means; the
+linear probe runs the backbone on its own augmented crops (`bam_jax.evaluate.linear`).
+The logistic regression, few-shot, retrieval, k-means and the attention figures live in
+their own modules, imported only when asked for.
 """
 
 from __future__ import annotations
@@ -37,18 +38,21 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from bam_jax import export
 from bam_jax.data import eval_input, sources
 from bam_jax.evaluate import features as features_lib
+from bam_jax.evaluate import fewshot as fewshot_lib
 from bam_jax.evaluate import knn as knn_lib
 from bam_jax.evaluate import linear as linear_lib
 from bam_jax.models.multicrop import build_network
+from bam_jax.models.vit import VisionTransformer
 from bam_jax.train.builder import crop_shapes
 from bam_jax.train.state import create_train_state
 
-PROTOCOLS = ('knn', 'linear', 'fewshot', 'retrieval', 'kmeans', 'attention', 'davis')
+PROTOCOLS = ('knn', 'linear', 'logreg', 'fewshot', 'retrieval', 'kmeans', 'attention',
+             'davis')
 # Protocols that write files into a directory beside --out (OUT_STEM.<protocol>/).
 FIGURES = ('attention', 'davis')
 FEATURES = ('checkpoint', 'random', 'pixels')
 # Protocols on the shared (CLS / pooled) features of the two splits.
-SHARED = ('knn', 'fewshot', 'retrieval', 'kmeans')
+SHARED = ('knn', 'logreg', 'fewshot', 'retrieval', 'kmeans')
 
 
 class EvaluationError(ValueError):
@@ -124,7 +128,8 @@ def protocol_config(config, run_config, overrides: Mapping[str, Any],
 def resolve_data(config, run_config) -> ml_collections.ConfigDict:
     """The evaluation's data settings: `config.data`, unset keys from the run's config."""
     data, knn = config.data, run_config.knn
-    defaults = dict(train_split=run_config.data.split, test_split=knn.val_split,
+    defaults = dict(train_split=knn.get('train_split') or run_config.data.split,
+                    test_split=knn.val_split,
                     image_size=knn.image_size, resize_size=knn.resize_size,
                     batch_size=knn.batch_size, train_fraction=knn.train_fraction)
     resolved = {key: default if data[key] is None else data[key]
@@ -314,11 +319,30 @@ class Evaluation:
             seed=settings.seed, log=self.log)
         return result.summary()
 
+    def logreg(self) -> dict[str, Any]:
+        from bam_jax.evaluate import logreg as logreg_lib
+        options = self.config.logreg.to_dict()
+        source = self._logreg_validation_source(options.pop('validation_split'))
+        validation = (None if source is None
+                      else self._extract(self._features_fn(), self._input(source)))
+        train, test = self.shared_features()
+        options['lambda_range'] = tuple(options['lambda_range'])
+        return logreg_lib.transfer(train, test, mesh=self.mesh, num_classes=self.num_classes,
+                                   validation=validation, **options)
+
+    def _logreg_validation_source(self, split: str | None):
+        """The source of `config.logreg.validation_split`; None: carve it from train."""
+        if split is None:
+            return None
+        try:
+            return sources.make_source(self.run_config.data, split)
+        except sources.DataError as error:
+            raise EvaluationError(f'config.logreg.validation_split: {error}') from None
+
     def fewshot(self) -> dict[str, Any]:
-        from bam_jax.evaluate.fewshot import few_shot
         options = self.config.fewshot.to_dict()
         features, labels = self._split_rows(options.pop('split'))
-        return few_shot(features, labels, **options)
+        return fewshot_lib.few_shot(features, labels, **options)
 
     def retrieval(self) -> dict[str, Any]:
         from bam_jax.evaluate.retrieval import recall_at_k
@@ -344,6 +368,37 @@ class Evaluation:
                                     np.stack(images[:count]), out_dir,
                                     image_size=self.data.image_size)
         return {'images': len(paths), 'files': [path.name for path in paths]}
+
+    def _clamp(self, protocols: list[str]):
+        """Settings the backbone or the data cannot give, clamped with one line each:
+        the defaults suit ViT-S on ImageNet, not a 2-block ViT, a ResNet or 4 classes."""
+        linear = self.config.linear
+        if 'linear' in protocols and self.subject.kind != 'pixels':
+            blocks = getattr(self.subject.backbone, 'depth', None)
+            if not isinstance(self.subject.backbone, VisionTransformer):
+                blocks = 1  # one pooled vector
+                if linear.avgpool:
+                    self.log('linear: a pooled backbone has no patch tokens; avgpool=False')
+                    linear.avgpool = False
+            if linear.n_last_blocks > blocks:
+                self.log(f'linear: n_last_blocks={linear.n_last_blocks} clamped to {blocks}, '
+                         f'all that the {type(self.subject.backbone).__name__} gives')
+                linear.n_last_blocks = blocks
+        if 'fewshot' in protocols:
+            fewshot = self.config.fewshot
+            labels = self.train_labels if fewshot.split == 'train' else (
+                eval_input.source_labels(self.test_source))
+            classes = fewshot_lib.eligible_classes(labels, fewshot.n_shot + fewshot.n_query)
+            if 2 <= classes < fewshot.n_way:
+                self.log(f'fewshot: n_way={fewshot.n_way} clamped to {classes}, the classes '
+                         f'of the {fewshot.split} split with {fewshot.n_shot} + '
+                         f'{fewshot.n_query} examples')
+                fewshot.n_way = classes
+            elif classes < 2:
+                raise EvaluationError(
+                    f'fewshot: the {fewshot.split} split has {classes} classes with '
+                    f'fewshot.n_shot + fewshot.n_query = {fewshot.n_shot + fewshot.n_query} '
+                    'examples, and an episode needs 2; lower --config.fewshot.n_query')
 
     def davis_videos(self):
         """The DAVIS sequences and the propagation settings, checked (the backbone, the
@@ -398,6 +453,7 @@ class Evaluation:
     def check(self, protocols: list[str]):
         """Settings errors before any feature is computed; returns what the checks
         opened (the DAVIS videos)."""
+        self._clamp(protocols)
         opened = {}
         if 'davis' in protocols:
             opened['davis'] = self.davis_videos()
@@ -409,6 +465,8 @@ class Evaluation:
                 check_backbone(self.subject.backbone)
             except ValueError as error:
                 raise EvaluationError(f'the attention protocol: {error}') from error
+        if 'logreg' in protocols:
+            self._logreg_validation_source(self.config.logreg.validation_split)
         if 'linear' in protocols and self.subject.kind != 'pixels':
             linear_lib.feature_layout(self.subject.backbone,
                                       n_last_blocks=self.config.linear.n_last_blocks,

@@ -21,7 +21,7 @@ from jax.sharding import AxisType
 from bam_jax.data import ccrop, pipeline, sources
 from bam_jax.train import metrics_log, online, resume
 from bam_jax.train.builder import build_training, clamp_warmup, validate_config
-from bam_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
+from bam_jax.train.checkpoint import Checkpointer, abstract_like
 from bam_jax.train.step import shard_batch
 
 STEP_INPUTS = ('global', 'local', 'seed')  # what the step reads of a host batch
@@ -48,8 +48,8 @@ class _Preemption:
 
     def _catch(self, signum, frame):
         if self.signal is None:
-            logging.warning('%s: saving a checkpoint after this step, then stopping.',
-                            signal.Signals(signum).name)
+            logging.info('%s: saving a checkpoint after this step, then stopping.',
+                         signal.Signals(signum).name)
             self.signal = signum
         if not self._single and signum == signal.SIGINT:
             signal.raise_signal(signal.SIGTERM)  # to the coordination service's handler
@@ -85,12 +85,26 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
     """Trains the run in `workdir`: from scratch, or from its newest intact checkpoint
     (`from_step`: that one; later ones are moved aside), or afresh (`fresh`: the old
     run's files are moved aside). A config that defines another run than the saved one
-    is refused unless `force_config`.
+    is refused unless `force_config`. A new run that stops before its first checkpoint
+    leaves nothing behind.
 
     Returns the last step, the signal that stopped the run (None if it ran to its end),
-    whether it had already finished, and the last kNN results.
+    whether it had already finished, whether its splits are labelled (what the
+    evaluation needs), and the last kNN results.
     """
     workdir = resume.workdir_path(workdir)
+    resume.check_flags(workdir, from_step=from_step, fresh=fresh, force_config=force_config)
+    existed, new_run = workdir.exists(), resume.holds_no_run(workdir)
+    try:
+        return _train(config, workdir, from_step=from_step, fresh=fresh,
+                      force_config=force_config)
+    except BaseException:
+        if new_run:
+            resume.remove_unsaved_run(workdir, created=not existed)
+        raise
+
+
+def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]:
     main_process = jax.process_index() == 0
 
     # ------------------------------------------------------------------------------
@@ -120,10 +134,6 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
         save_interval_steps=config.checkpoint_every_steps, json_items=('data', 'config'),
         array_items=('boxes',) if use_ccrop else ())
     try:  # a refusal closes the checkpointer: its threads must not outlive the exit
-        if from_step is not None and from_step not in checkpointer.all_steps():
-            raise CheckpointError(f'--from_step={from_step}: no such checkpoint in '
-                                  f'{checkpointer.directory}; available steps: '
-                                  f'{checkpointer.all_steps()}.')
         latest = checkpointer.latest_step() if from_step is None else from_step
         if latest is not None:
             saved_config = checkpointer.read_json(latest, 'config')
@@ -154,7 +164,8 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
                 logging.info('The run in %s had finished at step %d: nothing to do.', workdir,
                              step)
                 checkpointer.close()
-                return {'step': step, 'signal': None, 'finished_before': True}
+                return {'step': step, 'signal': None, 'finished_before': True,
+                        'labelled': online.has_labelled_splits(config, train_source)}
             logging.info('Resumed from step %d.', step)
     except BaseException:
         checkpointer.close()
@@ -251,6 +262,8 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
                 tracing = False
+                logging.info('Profile of steps %d-%d written to %s (TensorBoard: Profile).',
+                             profile_first + 1, step, workdir / 'plugins' / 'profile')
 
             if step % config.log_every_steps == 0 or step == total_steps:
                 scalars = {name: float(np.mean([float(m[name]) for m in history]))
@@ -289,7 +302,7 @@ def train_and_evaluate(config, workdir: str, *, from_step: int | None = None,
     writer.close()
     checkpointer.close()
     return {'step': step, 'signal': preemption.signal, 'finished_before': False,
-            **evaluation}
+            'labelled': online.has_labelled_splits(config, train_source), **evaluation}
 
 
 def _flatten(tree: dict, prefix: str = ''):

@@ -47,6 +47,19 @@ def _is_labelled(source) -> bool:
     return len(source) > 0 and source[0]['label'] >= 0
 
 
+def has_labelled_splits(config, train_source) -> bool:
+    """Whether the kNN's splits (`knn.train_split`, default `data.split`, and
+    `knn.val_split`) exist and hold labels: what `python -m bam_jax.evaluate` reads."""
+    data = config.data
+    split = config.knn.get('train_split') or data.split
+    try:
+        return all(_is_labelled(train_source if name == data.split
+                                else sources.make_source(data, name))
+                   for name in (split, config.knn.val_split))
+    except sources.DataError:
+        return False
+
+
 def make_online_knn(config, backbone, train_source, mesh: jax.sharding.Mesh
                     ) -> OnlineKnn | None:
     """The online kNN as configured, or None when it is off; logs one line saying which.

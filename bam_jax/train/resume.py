@@ -70,12 +70,62 @@ def check_same_run(saved: dict, current: dict, workdir, step: int, *, force: boo
                         _listed(defining))
         return
     key, old, new = defining[0]
-    more = f' ({len(defining) - 1} more keys differ)' if len(defining) > 1 else ''
+    more = (f' (also {", ".join(f"config.{other}" for other, _, _ in defining[1:])})'
+            if len(defining) > 1 else '')
     raise ConfigError(
         f'{workdir} holds a run made with config.{key}={old!r}, not {new!r}{more}: resuming '
         f'its step {step} would reinterpret it. Use the run\'s value, another --workdir, '
         '--fresh to start afresh here (the old run is kept), or --force_config to resume '
         'anyway.')
+
+
+def check_flags(workdir: epath.Path, *, from_step: int | None, fresh: bool,
+                force_config: bool) -> None:
+    """Refuses (ConfigError) flag combinations that cannot both be meant, and a
+    `--from_step` the workdir does not have, before anything is moved or created."""
+    if fresh and from_step is not None:
+        raise ConfigError(f'--fresh starts afresh and --from_step={from_step} resumes: pass '
+                          'one of them.')
+    if fresh and force_config:
+        raise ConfigError('--force_config resumes a run under changed keys and --fresh '
+                          'resumes nothing: pass one of them.')
+    if from_step is not None:
+        steps = saved_steps(workdir)
+        if from_step not in steps:
+            raise ConfigError(f'--from_step={from_step}: no such checkpoint in '
+                              f'{workdir / "checkpoints"}; available steps: '
+                              f'{", ".join(map(str, steps)) or "none"}.')
+
+
+def saved_steps(workdir: epath.Path) -> list[int]:
+    """The committed checkpoint steps (orbax renames a step's directory to its number
+    when the save is complete), read without starting a checkpoint manager."""
+    directory = workdir / 'checkpoints'
+    if not directory.is_dir():
+        return []
+    return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
+
+
+def holds_no_run(workdir: epath.Path) -> bool:
+    """Whether nothing of a run is in `workdir` yet (it may not exist)."""
+    return not workdir.exists() or not any(
+        any(workdir.glob(pattern)) for pattern in RUN_FILES)
+
+
+def remove_unsaved_run(workdir: epath.Path, *, created: bool) -> None:
+    """After a new run stopped before its first checkpoint (bad input found while
+    reading, Ctrl-C while compiling), removes what it wrote, so that the workdir is as
+    it was; a run with a saved step is left alone. Process 0 only."""
+    if jax.process_index() or saved_steps(workdir):
+        return
+    for pattern in RUN_FILES:
+        for path in workdir.glob(pattern):
+            if path.is_dir():
+                path.rmtree()
+            else:
+                path.unlink()
+    if created and workdir.is_dir() and not any(workdir.iterdir()):
+        workdir.rmdir()
 
 
 def workdir_path(workdir: str) -> epath.Path:
