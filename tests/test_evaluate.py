@@ -165,7 +165,7 @@ def test_feature_layout_is_get_intermediate_layers_convention():
 RUN_CONFIG = (f'--run_config={TINY}',
               *(flag.replace('--config.', '--run_config.') for flag in SMALL))
 # Three epochs (12 SGD steps); the other MNIST settings come from the run's config.
-FAST_LINEAR = ('--config.linear.epochs=3', '--config.linear.n_last_blocks=1')
+FAST_LINEAR = ('--config.linear.epochs=3',)
 FAST_LOW_LABEL = ('--config.fewshot.n_episodes=50', '--config.kmeans.n_init=2',
                   '--config.attention.num_images=2')
 
@@ -235,13 +235,27 @@ def exported(small_mnist_run, tmp_path_factory):
 
 def test_workdir_and_exported_file_give_the_same_numbers(small_mnist_run, exported,
                                                          tmp_path):
-    from_workdir = succeeded(evaluate(
+    result = evaluate(
         '--workdir', small_mnist_run, *FAST_LINEAR, *FAST_LOW_LABEL,
         '--config.protocols=knn,linear,fewshot,retrieval,kmeans,attention',
-        '--out', tmp_path / 'workdir.json'), tmp_path / 'workdir.json')
-    result = evaluate('--backbone', exported, *RUN_CONFIG, '--config.protocols=knn',
+        '--out', tmp_path / 'workdir.json')
+    from_workdir = succeeded(result, tmp_path / 'workdir.json')
+    # The default 4 blocks of the ViT-S protocol, on this 1-block ViT: one line, then 1.
+    assert 'linear: n_last_blocks=4 clamped to 1, all that the VisionTransformer gives' \
+        in result.stdout.splitlines()
+    assert from_workdir['config']['linear']['n_last_blocks'] == 1
+    # The export keeps the run's config beside the weights: no --run_config needed.
+    result = evaluate('--backbone', exported, '--config.protocols=knn',
                       '--out', tmp_path / 'file.json')
     from_file = succeeded(result, tmp_path / 'file.json')
+    # A workdir's config.json is a config file, overridable like configs/*.py (its unset
+    # knn.train_split included), and the evaluation reads the run's kNN train split.
+    from_json = succeeded(evaluate(
+        '--backbone', exported, f'--run_config={small_mnist_run}/config.json',
+        '--run_config.knn.train_split=test', '--config.protocols=knn', '--out',
+        tmp_path / 'json.json'), tmp_path / 'json.json')
+    assert from_json['data']['train_split'] == 'test'
+    assert from_json['model'] == from_file['model']
     assert (from_workdir['step'], from_workdir['weights']) == (62, 'teacher')
     assert from_workdir['data'] == from_file['data']
     assert from_workdir['data']['train_split'] == 'train'
@@ -266,7 +280,7 @@ def test_workdir_and_exported_file_give_the_same_numbers(small_mnist_run, export
     assert [path.name for path in figures] == numbers['attention']['files']
     assert len(figures) == 2 and all(path.suffix == '.png' for path in figures)
     assert sorted(path.name for path in tmp_path.iterdir()) == [
-        'file.json', 'workdir.attention', 'workdir.json']  # no temporary left
+        'file.json', 'json.json', 'workdir.attention', 'workdir.json']  # no temporary left
 
 
 def test_pixel_and_random_baselines(small_mnist_run, tmp_path):
