@@ -332,3 +332,26 @@ def test_bad_input_is_one_line_and_leaves_no_file(small_mnist_run, exported, tmp
     assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-2000:]
     assert re.search(message, lines[0]), lines[0]
     assert list(out.iterdir()) == []
+
+
+def test_few_shot_on_four_classes_is_clamped_or_refused_before_any_feature(
+        image_folder_labelled):
+    """The defaults' 5-way episodes on a 4-class folder: clamped to 4 ways with one line;
+    on its validation split (12 images a class, fewer than 5 + 15) refused in one line,
+    before any feature is computed."""
+    folder = ('--run_config=configs/vit_small_imagenet.py', '--run_config.data.source=folder',
+              f'--run_config.data.data_dir={image_folder_labelled}',
+              '--run_config.knn.image_size=32', '--run_config.knn.resize_size=36',
+              '--run_config.knn.batch_size=32', '--features=pixels',
+              '--config.protocols=fewshot', '--config.fewshot.n_episodes=10')
+    clamped = evaluate(*folder, '--config.fewshot.split=train',
+                       '--config.data.train_fraction=1.0')
+    assert clamped.returncode == 0, clamped.stderr[-2000:]
+    assert ('fewshot: n_way=5 clamped to 4, the classes of the train split with 5 + 15 '
+            'examples') in clamped.stdout.splitlines()
+    refused = evaluate(*folder)
+    assert refused.returncode == 1 and 'features of both splits' not in refused.stdout
+    assert refused.stderr.strip() == (
+        'error: fewshot: the test split has 0 classes with fewshot.n_shot + '
+        'fewshot.n_query = 20 examples, and an episode needs 2; lower '
+        '--config.fewshot.n_query')

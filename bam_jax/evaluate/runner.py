@@ -378,8 +378,11 @@ class Evaluation:
                 linear.n_last_blocks = blocks
         if 'fewshot' in protocols:
             fewshot = self.config.fewshot
-            labels = self.train_labels if fewshot.split == 'train' else (
-                eval_input.source_labels(self.test_source))
+            if fewshot.split == 'train':  # the rows the shared features hold
+                indices = self._train_indices(self.data.train_fraction)
+                labels = self.train_labels if indices is None else self.train_labels[indices]
+            else:
+                labels = eval_input.source_labels(self.test_source)
             classes = fewshot_lib.eligible_classes(labels, fewshot.n_shot + fewshot.n_query)
             if 2 <= classes < fewshot.n_way:
                 self.log(f'fewshot: n_way={fewshot.n_way} clamped to {classes}, the classes '
