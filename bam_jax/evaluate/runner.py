@@ -180,17 +180,6 @@ def load_subject(kind: str, run_config, *, workdir: pathlib.Path | None, step: i
                     'weights': weights})
 
 
-def pixel_features(size: int) -> Callable[[jax.Array], jax.Array]:
-    """Normalised images → the images resized to `size` (antialiased) and flattened."""
-    @jax.jit
-    def features(images):
-        if images.shape[1:3] != (size, size):
-            images = jax.image.resize(images, (images.shape[0], size, size, 3), 'linear',
-                                      antialias=True)
-        return images.reshape(images.shape[0], -1)
-    return features
-
-
 def host_rows(split: features_lib.Features) -> tuple[np.ndarray, np.ndarray]:
     """The valid, labelled rows of a split's features and labels, on every host."""
     features, labels, valid = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -248,7 +237,7 @@ class Evaluation:
 
     def _features_fn(self, layout=None) -> Callable[[jax.Array], jax.Array]:
         if self.subject.kind == 'pixels':
-            return pixel_features(self.config.pixels_size)
+            return features_lib.pixel_features(self.config.pixels_size)
         backbone = self.subject.backbone
         apply = layout or (lambda variables, images: backbone.apply(variables, images,
                                                                     train=False))
