@@ -183,17 +183,6 @@ def load_subject(kind: str, run_config, *, workdir: pathlib.Path | None, step: i
                     'weights': weights})
 
 
-def pixel_features(size: int) -> Callable[[jax.Array], jax.Array]:
-    """Normalised images → the images resized to `size` (antialiased) and flattened."""
-    @jax.jit
-    def features(images):
-        if images.shape[1:3] != (size, size):
-            images = jax.image.resize(images, (images.shape[0], size, size, 3), 'linear',
-                                      antialias=True)
-        return images.reshape(images.shape[0], -1)
-    return features
-
-
 def host_rows(split: features_lib.Features) -> tuple[np.ndarray, np.ndarray]:
     """The valid, labelled rows of a split's features and labels, on every host."""
     features, labels, valid = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -256,7 +245,7 @@ class Evaluation:
 
     def _features_fn(self, layout=None) -> Callable[[jax.Array], jax.Array]:
         if self.subject.kind == 'pixels':
-            return pixel_features(self.config.pixels_size)
+            return features_lib.pixel_features(self.config.pixels_size)
         backbone = self.subject.backbone
         apply = layout or (lambda variables, images: backbone.apply(variables, images,
                                                                     train=False))
@@ -386,8 +375,11 @@ class Evaluation:
                 linear.n_last_blocks = blocks
         if 'fewshot' in protocols:
             fewshot = self.config.fewshot
-            labels = self.train_labels if fewshot.split == 'train' else (
-                eval_input.source_labels(self.test_source))
+            if fewshot.split == 'train':  # the rows the shared features hold
+                indices = self._train_indices(self.data.train_fraction)
+                labels = self.train_labels if indices is None else self.train_labels[indices]
+            else:
+                labels = eval_input.source_labels(self.test_source)
             classes = fewshot_lib.eligible_classes(labels, fewshot.n_shot + fewshot.n_query)
             if 2 <= classes < fewshot.n_way:
                 self.log(f'fewshot: n_way={fewshot.n_way} clamped to {classes}, the classes '

@@ -298,6 +298,9 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
     if evaluation:
         logging.info('kNN (k=%d) at step %d: %s', config.knn.k, step, ', '.join(
             f'{name} {value:.2f}%' for name, value in sorted(evaluation.items())))
+        if step == total_steps:  # the baseline beside the final numbers
+            evaluation.update({f'knn_pixels/{name}': value for name, value in
+                               online.pixel_knn(knn, config, workdir).items()})
     writer.flush()
     writer.close()
     checkpointer.close()

@@ -27,7 +27,7 @@ RUN_CONTROL = ('log_every_steps', 'checkpoint_every_steps', 'max_checkpoints', '
 
 # What a run writes into its workdir (all of it moves aside with --fresh).
 RUN_FILES = ('checkpoints', 'config.json', 'metrics.jsonl', 'events.out.tfevents.*',
-             'plugins')
+             'plugins', 'knn_pixels.json')
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict[str, object]:
