@@ -21,5 +21,6 @@ def get_config():
     config = vit_base_imagenet.get_config()
     # depths and dims size it (blocks and width per stage; these are M36's).
     config.model = ml_collections.ConfigDict(dict(
-        name='caformer_m36', depths=(3, 12, 18, 3), dims=(96, 192, 384, 576), remat=True))
+        name='caformer_m36', depths=(3, 12, 18, 3), dims=(96, 192, 384, 576),
+        drop_path_rate=0.0, remat=True))
     return config

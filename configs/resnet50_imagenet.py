@@ -21,7 +21,7 @@ def get_config():
     config = vit_small_imagenet.get_config()
     # stage_depths and width size it ((3, 4, 6, 3) and 64: ResNet-50).
     config.model = ml_collections.ConfigDict(dict(name='resnet50', stage_depths=(3, 4, 6, 3),
-                                                  width=64))
+                                                  width=64, drop_path_rate=0.0))
     config.projector.activation = 'relu'
     config.data.ccrop = False
     config.optimizer.update(

@@ -26,7 +26,9 @@ def get_config():
     # variant names the timm model; embed_dim, depth and num_heads size it (ViT-S: BAM's
     # 12 heads, not timm's 6). attention: 'auto' is 'einsum' (the CPU-tuned form) on CPU
     # and 'dot_product_attention' (jax.nn's: cuDNN's fused kernel on GPU, XLA's on TPU)
-    # on TPU/GPU; the two compute the same function.
+    # on TPU/GPU; the two compute the same function. drop_path_rate (every backbone): the
+    # last block's stochastic depth, timm's linear schedule; 0 in pretraining (the official
+    # scripts' --drop_path_rate 0), for fine-tuning.
     config.model = ml_collections.ConfigDict(dict(
         name='vit', variant='small', patch_size=16, img_size=224, embed_dim=384, depth=12,
         num_heads=12, drop_path_rate=0.0, remat=False, attention='auto'))

@@ -212,3 +212,16 @@ def test_runs_shows_the_steps_which_restore_and_the_last_numbers(copy, tmp_path)
                              timeout=300)
     assert missing.returncode == 1
     assert missing.stderr.strip() == f'error: workdir {tmp_path / "none"} does not exist'
+
+
+def test_a_run_saved_before_a_key_existed_resumes_under_its_neutral_value():
+    """A run saved before `model.drop_path_rate` existed trained without drop path: it
+    resumes under 0.0, and only under 0.0."""
+    from bam_jax.train import resume
+    saved = json.loads(small_config().to_json_best_effort())
+    del saved['model']['drop_path_rate']
+    current = json.loads(small_config().to_json_best_effort())
+    assert resume.config_changes(saved, current) == ([], [])
+    current['model']['drop_path_rate'] = 0.1
+    assert resume.config_changes(saved, current)[0] == [
+        ('model.drop_path_rate', '(absent)', 0.1)]

@@ -149,6 +149,7 @@ def test_tensorboard_shows_the_scalars_hyperparameters_and_profile(learned):
     assert hparams['model.name'].string_value == load_config().model.name
     assert list(learned.glob('plugins/profile/*/*.xplane.pb'))  # profile_steps=3
     log = pathlib.Path(f'{learned}.log').read_text()
+    assert f'Profile of steps 11-13 written to {learned}/plugins/profile' in log
     assert 'Step 62/62 (100%): ' in log
     imported = {line.rsplit('|', 1)[1].strip() for line in log.splitlines()
                 if line.startswith('import time:')}

@@ -8,8 +8,9 @@ res_scale_init_values=(None,) * 4)`:
 * 4 stages of (3, 12, 18, 3) blocks, widths (96, 192, 384, 576); stages 2–4 start with
   LayerNorm (no bias) → conv 3×3 / 2, padding 1, with bias;
 * block: `x + mixer(norm1(x))`, then `x + mlp(norm2(x))`; norms are LayerNorm without
-  bias, eps 1e-6; no layer-scale, no res-scale, no stochastic depth (the official
-  `get_arch` does not pass `drop_path_rate`);
+  bias, eps 1e-6; no layer-scale, no res-scale, no stochastic depth in pretraining
+  (the official `get_arch` does not pass `drop_path_rate`; `drop_path_rate` is there for
+  fine-tuning, timm's stage-split linear schedule);
 * mixer, stages 1–2: SepConv, 1×1 (×2 channels) → exact GELU → depthwise 7×7 → 1×1,
   no biases; stages 3–4: self-attention over the H·W tokens, head dim 32, no qkv or
   proj bias;
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bam_jax.models import torch_layout
+from bam_jax.models.stochastic_depth import drop_path, stage_rates
 
 LAYER_NORM_EPSILON = 1e-6
 M36_DEPTHS = (3, 12, 18, 3)
@@ -139,15 +141,17 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """MetaFormer block on [N, H, W, C]: token mixer and MLP, each pre-norm residual."""
+    """MetaFormer block on [N, H, W, C]: token mixer and MLP, each pre-norm residual
+    and dropped per sample at `drop_path_rate` in training."""
 
     token_mixer: str
     head_dim: int = 32
+    drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
 
-    # `return_attention` is positional so `nn.remat` can mark it static.
+    # `train` and `return_attention` are positional so `nn.remat` can mark them static.
     @nn.compact
-    def __call__(self, x: jax.Array,
+    def __call__(self, x: jax.Array, train: bool = False,
                  return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
         normed = _norm('norm1', self.dtype)(x)
         attention = None
@@ -156,9 +160,10 @@ class Block(nn.Module):
                 normed, return_attention)
         else:
             mixed = SepConv(dtype=self.dtype, name='token_mixer')(normed)
-        x = x + mixed
+        x = x + drop_path(self, mixed, self.drop_path_rate, train)
         mlp = Mlp(use_conv=self.token_mixer != 'attention', dtype=self.dtype, name='mlp')
-        return x + mlp(_norm('norm2', self.dtype)(x)), attention
+        mixed = mlp(_norm('norm2', self.dtype)(x))
+        return x + drop_path(self, mixed, self.drop_path_rate, train), attention
 
 
 class Stem(nn.Module):
@@ -195,24 +200,26 @@ class Stage(nn.Module):
     token_mixer: str
     downsampling: bool
     head_dim: int = 32
+    drop_path_rates: Sequence[float] | None = None  # one per block; None: all 0
     remat: bool = False
     dtype: Any = jnp.float32
 
     def setup(self):
         if self.downsampling:
             self.downsample = Downsampling(self.dim, self.dtype)
-        # Static: the block's `return_attention` (self counts as argument 0).
-        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-        self.blocks = [block(self.token_mixer, self.head_dim, self.dtype)
-                       for _ in range(self.depth)]
+        # Static: the block's `train` and `return_attention` (self counts as argument 0).
+        block = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+        rates = self.drop_path_rates or (0.0,) * self.depth
+        self.blocks = [block(self.token_mixer, self.head_dim, rate, self.dtype)
+                       for rate in rates]
 
-    def __call__(self, x: jax.Array,
+    def __call__(self, x: jax.Array, train: bool = False,
                  return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
         if self.downsampling:
             x = self.downsample(x)
         attention = None
         for index, block in enumerate(self.blocks):
-            x, attention = block(x, return_attention and index == self.depth - 1)
+            x, attention = block(x, train, return_attention and index == self.depth - 1)
         return x, attention
 
 
@@ -232,6 +239,8 @@ class CAFormer(nn.Module):
     Attributes:
       depths, dims: blocks and width per stage; the defaults are M36.
       head_dim: attention head width (the number of heads is dim // head_dim).
+      drop_path_rate: stochastic depth of the last block, rising linearly from 0 over
+        all blocks (timm's stage-wise split); active with `train=True` and a 'dropout' rng.
       remat: recompute each block in the backward pass (the official script's
         gradient checkpointing; same numbers).
       dtype: compute dtype; params stay float32.
@@ -240,6 +249,7 @@ class CAFormer(nn.Module):
     depths: Sequence[int] = M36_DEPTHS
     dims: Sequence[int] = M36_DIMS
     head_dim: int = 32
+    drop_path_rate: float = 0.0
     remat: bool = False
     dtype: Any = jnp.float32
 
@@ -252,15 +262,15 @@ class CAFormer(nn.Module):
         previous_dims = (self.dims[0],) + tuple(self.dims[:-1])
         self.stages = [
             Stage(dim, depth, mixer, downsampling=dim != previous, head_dim=self.head_dim,
-                  remat=self.remat, dtype=self.dtype)
-            for dim, depth, mixer, previous in zip(self.dims, self.depths, TOKEN_MIXERS,
-                                                   previous_dims)
+                  drop_path_rates=tuple(rates), remat=self.remat, dtype=self.dtype)
+            for dim, depth, mixer, previous, rates in zip(
+                self.dims, self.depths, TOKEN_MIXERS, previous_dims,
+                stage_rates(self.drop_path_rate, self.depths))
         ]
         self.head = PooledNorm(self.dtype)
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """Images [N, H, W, C] → [N, dims[-1]]. `train` is accepted for the multi-crop
-        wrapper; nothing here behaves differently in training."""
+        """Images [N, H, W, C] → [N, dims[-1]]; `train` enables drop path."""
         return self.encode(images, train=train)['pooled']
 
     def encode(self, images: jax.Array, *, train: bool = False,
@@ -274,11 +284,11 @@ class CAFormer(nn.Module):
           'attention_map' (if return_attention): their mean over the queries,
             [N, heads, h, w]: what the official `get_selfattention` meant to return.
         """
-        del train
         x = self.stem(jnp.asarray(images, self.dtype))
         attention = None
         for index, stage in enumerate(self.stages):
-            x, attention = stage(x, return_attention and index == len(self.stages) - 1)
+            x, attention = stage(x, train,
+                                 return_attention and index == len(self.stages) - 1)
         features = {'pooled': self.head(x)}
         if return_attention:
             batch, height, width, _ = x.shape

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bam_jax.models import torch_layout
+from bam_jax.models.stochastic_depth import drop_path, linear_rates
 
 # torch BatchNorm defaults: running = (1 − momentum)·running + momentum·batch.
 BATCH_NORM_MOMENTUM = 0.1
@@ -89,11 +90,13 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
 
 
 class Bottleneck(nn.Module):
-    """1×1 → 3×3 (strided) → 1×1 ×4, plus the (projected) shortcut, then ReLU."""
+    """1×1 → 3×3 (strided) → 1×1 ×4 (dropped per sample at `drop_path_rate` in
+    training), plus the (projected) shortcut, then ReLU."""
 
     planes: int
     stride: int = 1
     project_shortcut: bool = False
+    drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -106,6 +109,7 @@ class Bottleneck(nn.Module):
         # timm's default zero_init_last: each block starts as the identity.
         out = BatchNorm(scale_init=nn.initializers.zeros, dtype=self.dtype,
                         name='bn3')(out, train)
+        out = drop_path(self, out, self.drop_path_rate, train)
         shortcut = x
         if self.project_shortcut:
             shortcut = _conv(self.planes * EXPANSION, 1, self.stride, self.dtype,
@@ -121,11 +125,15 @@ class ResNet(nn.Module):
       stage_depths: blocks per stage; (3, 4, 6, 3) is ResNet-50.
       width: 3×3 channels of the first stage (timm `channels[0]`); stage i has
         width·2^i and outputs 4× that. The stem has 64 channels whatever the width.
+      drop_path_rate: stochastic depth of the last block, rising linearly from 0 at
+        the first over all blocks (timm's `drop_path_rate`); active with `train=True`
+        and a 'dropout' rng.
       dtype: compute dtype; params and BN statistics stay float32.
     """
 
     stage_depths: Sequence[int] = RESNET50_STAGE_DEPTHS
     width: int = 64
+    drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -134,12 +142,13 @@ class ResNet(nn.Module):
         x = _conv(STEM_WIDTH, 7, 2, self.dtype, 'conv1')(jnp.asarray(images, self.dtype))
         x = nn.relu(BatchNorm(dtype=self.dtype, name='bn1')(x, train))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        rates = iter(linear_rates(self.drop_path_rate, sum(self.stage_depths)))
         for stage, depth in enumerate(self.stage_depths):
             for index in range(depth):
                 x = Bottleneck(self.width * 2 ** stage,
                                stride=2 if stage > 0 and index == 0 else 1,
-                               project_shortcut=index == 0, dtype=self.dtype,
-                               name=f'layer{stage + 1}_{index}')(x, train)
+                               project_shortcut=index == 0, drop_path_rate=next(rates),
+                               dtype=self.dtype, name=f'layer{stage + 1}_{index}')(x, train)
         return jnp.mean(x, axis=(1, 2))
 
 

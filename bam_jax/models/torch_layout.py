@@ -44,6 +44,11 @@ def _torch_key(collection: str, path: tuple[str, ...],
     return '.'.join([rename_module(module) for module in modules] + [names.get(leaf, leaf)])
 
 
+def parameter_key(path: tuple[str, ...]) -> str:
+    """timm's name of a params leaf (`blocks_0/attn/qkv/kernel` → `blocks.0.attn.qkv.weight`)."""
+    return _torch_key('params', path, numbered_modules)
+
+
 def _kernel_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...] | None:
     """The flax → torch transpose of a leaf, or None if it keeps its layout."""
     if path[-1] != 'kernel':

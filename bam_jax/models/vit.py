@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bam_jax.models.stochastic_depth import drop_path, linear_rates
+
 LAYER_NORM_EPSILON = 1e-6
 # 'einsum': `attention_heads`; 'xla', 'cudnn': `jax.nn.dot_product_attention(...,
 # implementation=)`.
@@ -277,13 +279,7 @@ class Block(nn.Module):
         return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name=name)
 
     def _drop_path(self, branch: jax.Array, train: bool) -> jax.Array:
-        """Drops the whole residual branch per sample; kept ones scale by 1/keep (timm)."""
-        if not train or self.drop_path_rate == 0.0:
-            return branch
-        keep_prob = 1.0 - self.drop_path_rate
-        mask_shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
-        keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob, mask_shape)
-        return jnp.where(keep, branch / keep_prob, jnp.zeros_like(branch))
+        return drop_path(self, branch, self.drop_path_rate, train)
 
 
 class VisionTransformer(nn.Module):
@@ -296,7 +292,8 @@ class VisionTransformer(nn.Module):
       img_size: image side for which the fixed position table is built
         (img_size // patch_size patches per side); other sizes resample it.
       embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual ViT shape.
-      drop_path_rate: stochastic depth of the last block; linearly spaced from 0.
+      drop_path_rate: stochastic depth of the last block, linearly rising from 0 at the
+        first (timm's); active with `train=True` and a 'dropout' rng.
       remat: recompute each block in the backward pass (gradient checkpointing).
       dtype: compute dtype; params stay float32.
       attention_implementation: 'einsum' | 'xla' | 'cudnn', see `self_attention`.
@@ -326,9 +323,9 @@ class VisionTransformer(nn.Module):
                                     table.shape)
         # Static: the block's `train` and `return_attention` (self counts as argument 0).
         block = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
-        rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        rates = linear_rates(self.drop_path_rate, self.depth)
         self.blocks = [
-            block(self.num_heads, self.mlp_ratio, self.qkv_bias, float(rate), self.dtype,
+            block(self.num_heads, self.mlp_ratio, self.qkv_bias, rate, self.dtype,
                   self.attention_implementation)
             for rate in rates
         ]

@@ -25,6 +25,10 @@ RUN_CONTROL = ('log_every_steps', 'checkpoint_every_steps', 'max_checkpoints', '
                'profile_steps', 'data.num_workers', 'data.data_dir', 'data.max_bad_fraction',
                'knn.', 'evaluation.')
 
+# Keys added to the configs after runs were saved without them, with the value that does
+# what those runs did: a run saved before a key existed resumes under that value.
+ADDED_KEYS = {'model.drop_path_rate': 0.0}
+
 # What a run writes into its workdir (all of it moves aside with --fresh).
 RUN_FILES = ('checkpoints', 'config.json', 'metrics.jsonl', 'events.out.tfevents.*',
              'plugins', 'knn_pixels.json')
@@ -47,6 +51,8 @@ def config_changes(saved: dict, current: dict) -> tuple[list, list]:
     defining, control = [], []
     for key in sorted(saved.keys() | current.keys()):
         old, new = saved.get(key, '(absent)'), current.get(key, '(absent)')
+        if old == '(absent)' and key in ADDED_KEYS and new == ADDED_KEYS[key]:
+            continue  # saved before the key existed: it did what this value does
         if old != new:
             steering = any(key == name or (name.endswith('.') and key.startswith(name))
                            for name in RUN_CONTROL)
