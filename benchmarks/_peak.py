@@ -10,6 +10,7 @@ and again), best of `repeats` each.
 from __future__ import annotations
 
 import os
+import platform
 import time
 from typing import Callable
 
@@ -93,4 +94,4 @@ def cpu_model() -> str:
                     return line.split(':', 1)[1].strip()
     except OSError:
         pass
-    return 'unknown CPU'
+    return platform.processor() or platform.machine()

@@ -19,7 +19,6 @@ Prints a table and one JSON line.
 import argparse
 import json
 import os
-import platform
 import sys
 
 import jax
@@ -27,24 +26,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
-from _peak import best_seconds  # noqa: E402
+from _peak import best_seconds, cpu_model  # noqa: E402
 from configs import vit_small_imagenet  # noqa: E402
 from bam_jax.evaluate import davis  # noqa: E402
 from bam_jax.models import multicrop  # noqa: E402
 
 FRAME = (480, 854)
 N_LAST_FRAMES, CHANNELS = 7, 3
-
-
-def cpu_model() -> str:
-    try:
-        with open('/proc/cpuinfo') as file:
-            for line in file:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(function, repeats: int) -> float:
