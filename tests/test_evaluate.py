@@ -5,9 +5,11 @@ real small MNIST run (`small_mnist_run`, shared with test_run.py).
 
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -355,3 +357,20 @@ def test_few_shot_on_four_classes_is_clamped_or_refused_before_any_feature(
         'error: fewshot: the test split has 0 classes with fewshot.n_shot + '
         'fewshot.n_query = 20 examples, and an episode needs 2; lower '
         '--config.fewshot.n_query')
+
+
+def test_ctrl_c_is_one_line_and_writes_nothing(small_mnist_run, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the process group) during the linear probe."""
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'bam_jax.evaluate', '--workdir', str(small_mnist_run),
+         '--config.linear.epochs=1000', '--out', str(tmp_path / 'results.json')],
+        env=environment(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    for line in process.stdout:  # the probe's first epoch: well inside the work
+        if line.startswith('linear epoch 1/1000'):
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr == 'Stopped by SIGINT; nothing was written.\n'
+    assert list(tmp_path.iterdir()) == []
