@@ -109,6 +109,8 @@ def _summary(result: dict, workdir: str) -> str:
     step, quoted = result['step'], shlex.quote(workdir)
     knn = ', '.join(f'{name.split("/")[-1]} {value:.1f} %'
                     for name, value in sorted(result.items()) if name.startswith('knn/'))
+    if 'knn_pixels/top1' in result:
+        knn += f'; raw pixels {result["knn_pixels/top1"]:.1f} % top-1 on the same split'
     lines = [
         f'The run finished at step {step}' + (f' (kNN {knn}).' if knn else '.')
         + (' It had finished before: nothing was recomputed.'

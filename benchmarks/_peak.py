@@ -10,6 +10,7 @@ and again), best of `repeats` each.
 from __future__ import annotations
 
 import os
+import platform
 import time
 from typing import Callable
 
@@ -82,3 +83,15 @@ def process_peak_rss_gib() -> float:
             if line.startswith('VmHWM:'):
                 return int(line.split()[1]) / 2 ** 20
     return float('nan')
+
+
+def cpu_model() -> str:
+    """The CPU's model name: a timing holds only on the machine that made it."""
+    try:
+        with open('/proc/cpuinfo') as file:
+            for line in file:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

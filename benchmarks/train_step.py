@@ -18,8 +18,8 @@ backward = 3 forwards, teacher 1 forward, the frozen patch projection gets no ba
 and also as XLA's cost analysis of the compiled step counts them (every op). MFU is the
 analytic count per second over the fp32 matmul peak measured in the same run. `RSS GiB`
 is the process's peak resident memory after the config (cumulative: run a config alone
-to read its own). `tiny` is compared with the PyTorch step `torch_step.py` times right
-after it; `vit_small` with the official step's 7.1 s, measured once. With `--profile`,
+to read its own). Each config is compared with the same step in PyTorch, which
+`torch_step.py --config NAME` times right after it, in this run. With `--profile`,
 one more step is traced and its op time is summed by category. Prints the tables and
 one JSON line.
 """
@@ -43,34 +43,8 @@ import _profile  # noqa: E402
 from bam_jax.train import builder  # noqa: E402
 from bam_jax.data.augment import augment_crops  # noqa: E402
 from bam_jax.train.step import shard_batch  # noqa: E402
-from configs import mnist, vit_small_imagenet  # noqa: E402
+from step_configs import CONFIGS, tiny_config, vit_small_config  # noqa: E402,F401
 
-# The official PyTorch step, ViT-S/16 at 8 images, fp32, seconds (issue 6, measured on
-# the development machine of 2026-11). The tiny configuration's PyTorch step is timed in
-# the same run instead, by `torch_step.py` in a process of its own.
-PYTORCH_SECONDS_PER_STEP = {'vit_small': 7.1}
-
-
-def vit_small_config():
-    config = vit_small_imagenet.get_config()
-    config.batch_size = 8
-    config.loss.top_k = 0
-    return config
-
-
-def tiny_config():
-    """Issue 15's small shapes: the ViT-S recipe at width 192, depth 6 on 32 px images."""
-    config = vit_small_imagenet.get_config()
-    config.batch_size = 64
-    config.compute_dtype = 'float32'
-    config.model.update(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)
-    config.projector.update(hidden_dim=1024, out_dim=1024)
-    config.crops.update(global_size=32, n_local=4, local_size=16)
-    config.loss.top_k = 0
-    return config
-
-
-CONFIGS = {'vit_small': vit_small_config, 'tiny': tiny_config, 'mnist': mnist.get_config}
 
 
 def vit_forward_flops(backbone, image_size: int) -> float:
@@ -152,11 +126,13 @@ def categorize(op_name: str, is_matmul: bool) -> str:
     return 'AdamW, EMA, schedules, metrics'
 
 
-def torch_step_seconds(n_steps: int) -> float:
-    """The best step time of `torch_step.py` (the same work in PyTorch), run now."""
+def torch_step_seconds(n_steps: int, name: str = 'tiny') -> float:
+    """The best step time of `torch_step.py --config NAME` (the same work in PyTorch),
+    run now: a ratio holds only beside its baseline, in the same run."""
     output = subprocess.run(
         [sys.executable, os.path.join(os.path.dirname(__file__), 'torch_step.py'),
-         '--steps', str(n_steps)], check=True, capture_output=True, text=True).stdout
+         '--config', name, '--steps', str(n_steps)], check=True, capture_output=True,
+        text=True).stdout
     return json.loads(output.splitlines()[-1])['results'][0]['step_seconds_best']
 
 
@@ -195,13 +171,9 @@ def measure(name: str, n_steps: int, profile: bool, uint8: bool) -> dict:
         temp_gib=compiled.memory_analysis().temp_size_in_bytes / 2 ** 30,
         # Cumulative: the process's peak after this and the configs before it.
         process_peak_rss_gib=_peak.process_peak_rss_gib(),
-        load_average=peak['load_average'])
-    if name == 'tiny':
-        result['pytorch_step_seconds'] = torch_step_seconds(n_steps)
-    elif name in PYTORCH_SECONDS_PER_STEP:
-        result['pytorch_step_seconds'] = PYTORCH_SECONDS_PER_STEP[name]
-    if 'pytorch_step_seconds' in result:
-        result['vs_pytorch'] = result['pytorch_step_seconds'] / best
+        load_average=peak['load_average'], cpu=_peak.cpu_model())
+    result['pytorch_step_seconds'] = torch_step_seconds(n_steps, name)
+    result['vs_pytorch'] = result['pytorch_step_seconds'] / best
     if profile:
         result['profile'] = _profile.summarize(compiled, step, categorize)
     return result
@@ -218,6 +190,7 @@ def main():
     args = parser.parse_args()
     results = [measure(name, args.steps, args.profile, args.uint8) for name in args.configs]
 
+    print(f'on {results[0]["cpu"]}, {os.cpu_count()} cores')
     print(f"{'config':<10} {'images':>6} {'step s':>7} {'images/s':>9} "
           f"{'GFLOP/img':>9} {'XLA GFLOP/img':>13} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} "
           f"{'temp GiB':>8} {'RSS GiB':>7}")
@@ -229,9 +202,8 @@ def main():
               f"{r['temp_gib']:8.2f} {r['process_peak_rss_gib']:7.2f}")
         print(f"  load average {r['load_average'][0]:.1f} before, "
               f"{r['load_average'][1]:.1f} after")
-        if 'vs_pytorch' in r:
-            print(f"  vs the official PyTorch step ({r['pytorch_step_seconds']:.2f} s "
-                  f"for {r['images']} images): {r['vs_pytorch']:.2f}x the images/s")
+        print(f"  vs the same step in PyTorch, timed in this run ({r['pytorch_step_seconds']:.2f} "
+              f"s for {r['images']} images): {r['vs_pytorch']:.2f}x the images/s")
     for r in results:
         if 'profile' in r:
             total = sum(seconds for _, seconds in r['profile'])

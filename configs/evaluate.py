@@ -22,7 +22,8 @@ from ml_collections.config_dict import placeholder
 
 def get_config():
     config = ml_collections.ConfigDict()
-    # Any of knn, linear, logreg, fewshot, retrieval, kmeans, attention, comma-separated.
+    # Any of knn, linear, logreg, fewshot, retrieval, kmeans, attention, davis,
+    # comma-separated.
     config.protocols = 'knn,linear'
 
     config.data = ml_collections.ConfigDict(dict(
@@ -82,4 +83,31 @@ def get_config():
     # Last-block attention maps of the first test images (ViT, CAFormer), as PNGs in a
     # directory beside --out (OUT_STEM.attention/).
     config.attention = ml_collections.ConfigDict(dict(num_images=8))
+
+    # DAVIS-2017 video object segmentation by label propagation: DINO's
+    # eval_video_segmentation.py, which BAM runs, value for value (ViT backbones). The
+    # masks, as DAVIS PNGs, and overlays go to OUT_STEM.davis/ (bam_jax/evaluate/davis.py).
+    config.davis = ml_collections.ConfigDict(dict(
+        # A DAVIS-2017 root as DAVIS ships it (JPEGImages/<resolution>/<seq>/*.jpg,
+        # Annotations/<resolution>/<seq>/*.png, ImageSets/2017/<split>.txt); unset: the
+        # prepared TFDS data set below.
+        root=placeholder(str),
+        resolution='480p',  # DINO's --data_path layout
+        tfds_name='davis/480p',  # TFDS's `davis` builder, 480p config (ArrayRecord)
+        tfds_data_dir=placeholder(str),  # default: TFDS's (~/tensorflow_datasets)
+        split='val',  # DINO: ImageSets/2017/val.txt (TFDS: 'validation')
+        sequences='',  # comma-separated names; '' = every sequence of the split
+        short_side=480,  # DINO read_frame's scale_size
+        long_side_multiple=64,  # DINO read_frame floors the long side to a multiple of 64
+        mean=(0.485, 0.456, 0.406),  # DINO color_normalize
+        std=(0.228, 0.224, 0.225),  # DINO color_normalize (0.228, not ImageNet's 0.229)
+        norm=True,  # final norm on the last-block patch tokens (get_intermediate_layers)
+        # DINO --n_last_frames (7); a tuple sweeps values (BAM Table 6), a row each.
+        n_last_frames=(7,),
+        size_mask_neighborhood=12,  # DINO --size_mask_neighborhood (patches)
+        topk=5,  # DINO --topk
+        temperature=0.1,  # DINO label_propagation: exp(cos / 0.1)
+        batch_size=8,  # frames per feature batch (a multiple of the devices; DINO: 1)
+        overlay_sequences=2,  # sequences that get an overlay strip (PNG) and GIF
+    ))
     return config

@@ -65,6 +65,7 @@ def test_quiet_startup_silences_the_libraries_but_not_warnings():
         'from bam_jax import command_line',
         'command_line.quiet_startup()',
         'import tensorflow, jax',
+        'command_line.skip_absent_tpu()',
         'import logging',
         'print(jax.devices())',
         "logging.getLogger('bam_jax').warning('a warning that matters')",
@@ -75,6 +76,23 @@ def test_quiet_startup_silences_the_libraries_but_not_warnings():
     assert quiet.returncode == 0 and 'CpuDevice' in quiet.stdout, quiet.stderr[-2000:]
     assert not NOISE.search(quiet.stderr.replace('a warning that matters', '')), quiet.stderr
     assert quiet.stderr.strip().endswith('a warning that matters')
+
+
+def test_libtpu_on_a_host_without_tpus_stays_quiet():
+    """Where libtpu is installed (requirements-tpu.txt) but the host has no TPU chip, JAX
+    started libtpu anyway: six lines of failed TPU discovery at every command. Skipped
+    where libtpu is not installed (the test requirements leave it out: 700 MB)."""
+    pytest.importorskip('libtpu')
+    script = '\n'.join([
+        'from bam_jax import command_line',
+        'command_line.quiet_startup()',
+        'import jax',
+        'command_line.skip_absent_tpu()',
+        'print(jax.devices())',
+    ])
+    quiet = run('-c', script, env={'JAX_PLATFORMS': ''})
+    assert quiet.returncode == 0 and 'CpuDevice' in quiet.stdout, quiet.stderr[-2000:]
+    assert quiet.stderr == '', quiet.stderr
 
 
 @pytest.mark.parametrize('arguments, flag', [

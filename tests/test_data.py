@@ -4,7 +4,10 @@ import glob
 import logging
 import math
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 import threading
 
 from absl import flags
@@ -17,6 +20,7 @@ from bam_jax.data import crops as crops_lib
 from bam_jax.data import eval_input, pipeline, sources
 from configs import vit_small_imagenet
 import user_data
+from conftest import REPO
 from user_data import photo
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags.
@@ -239,8 +243,12 @@ def test_tfds_imagenet_reads_through_the_shipped_config(tfds_imagenet_dir):
 
     with pytest.raises(sources.DataError, match="Unknown TFDS data set 'no_such_dataset'"):
         sources.TfdsSource('no_such_dataset', 'train', tfds_imagenet_dir)
-    with pytest.raises(sources.DataError, match="'mnist' is not prepared"):
+    with pytest.raises(sources.DataError, match="'mnist' is not prepared") as error:
         sources.TfdsSource('mnist', 'train', tfds_imagenet_dir)
+    # The command it names has the data_dir to run it with, not a placeholder (tfds build
+    # itself downloads: not run here).
+    assert str(error.value).endswith('`tfds build mnist --file_format=array_record '
+                                     f'--data_dir={tfds_imagenet_dir}`.')
     with pytest.raises(sources.DataError, match="Unknown split 'test'"):
         sources.TfdsSource('imagenet2012', 'test', tfds_imagenet_dir)
 
@@ -416,7 +424,7 @@ def test_clear_errors_before_compilation(image_folder, tmp_path):
 
 
 def test_tfrecord_imagenet_as_tfds_build_leaves_it_is_sent_to_convert(
-        tfds_imagenet_tfrecord_dir):
+        tfds_imagenet_tfrecord_dir, tmp_path):
     info = user_data.dataset_info(tfds_imagenet_tfrecord_dir)
     assert info['fileFormat'] == 'tfrecord'
     assert [split['shardLengths'] for split in info['splits']] == [['64', '64'], ['24', '24']]
@@ -428,3 +436,11 @@ def test_tfrecord_imagenet_as_tfds_build_leaves_it_is_sent_to_convert(
         'FileFormat.TFRECORD, which has no random access. Convert it once (needs '
         'TensorFlow): `python -m bam_jax.data.convert --name imagenet2012 --data_dir '
         f'{tfds_imagenet_tfrecord_dir} --out_dir NEW_DIR`')
+    # The command it prints runs as printed (NEW_DIR a path, one worker), and the run's
+    # data set then reads from the copy.
+    printed = str(error.value).split('`')[1].replace('NEW_DIR', str(tmp_path / 'copy'))
+    result = subprocess.run([sys.executable, *shlex.split(printed)[1:], '--workers', '1'],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config.data.data_dir = str(tmp_path / 'copy')
+    assert len(sources.make_source(config.data)) == 128

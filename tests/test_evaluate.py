@@ -5,9 +5,11 @@ real small MNIST run (`small_mnist_run`, shared with test_run.py).
 
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -165,7 +167,7 @@ def test_feature_layout_is_get_intermediate_layers_convention():
 RUN_CONFIG = (f'--run_config={TINY}',
               *(flag.replace('--config.', '--run_config.') for flag in SMALL))
 # Three epochs (12 SGD steps); the other MNIST settings come from the run's config.
-FAST_LINEAR = ('--config.linear.epochs=3', '--config.linear.n_last_blocks=1')
+FAST_LINEAR = ('--config.linear.epochs=3',)
 FAST_LOW_LABEL = ('--config.fewshot.n_episodes=50', '--config.kmeans.n_init=2',
                   '--config.attention.num_images=2')
 
@@ -235,13 +237,27 @@ def exported(small_mnist_run, tmp_path_factory):
 
 def test_workdir_and_exported_file_give_the_same_numbers(small_mnist_run, exported,
                                                          tmp_path):
-    from_workdir = succeeded(evaluate(
+    result = evaluate(
         '--workdir', small_mnist_run, *FAST_LINEAR, *FAST_LOW_LABEL,
         '--config.protocols=knn,linear,fewshot,retrieval,kmeans,attention',
-        '--out', tmp_path / 'workdir.json'), tmp_path / 'workdir.json')
-    result = evaluate('--backbone', exported, *RUN_CONFIG, '--config.protocols=knn',
+        '--out', tmp_path / 'workdir.json')
+    from_workdir = succeeded(result, tmp_path / 'workdir.json')
+    # The default 4 blocks of the ViT-S protocol, on this 1-block ViT: one line, then 1.
+    assert 'linear: n_last_blocks=4 clamped to 1, all that the VisionTransformer gives' \
+        in result.stdout.splitlines()
+    assert from_workdir['config']['linear']['n_last_blocks'] == 1
+    # The export keeps the run's config beside the weights: no --run_config needed.
+    result = evaluate('--backbone', exported, '--config.protocols=knn',
                       '--out', tmp_path / 'file.json')
     from_file = succeeded(result, tmp_path / 'file.json')
+    # A workdir's config.json is a config file, overridable like configs/*.py (its unset
+    # knn.train_split included), and the evaluation reads the run's kNN train split.
+    from_json = succeeded(evaluate(
+        '--backbone', exported, f'--run_config={small_mnist_run}/config.json',
+        '--run_config.knn.train_split=test', '--config.protocols=knn', '--out',
+        tmp_path / 'json.json'), tmp_path / 'json.json')
+    assert from_json['data']['train_split'] == 'test'
+    assert from_json['model'] == from_file['model']
     assert (from_workdir['step'], from_workdir['weights']) == (62, 'teacher')
     assert from_workdir['data'] == from_file['data']
     assert from_workdir['data']['train_split'] == 'train'
@@ -266,7 +282,7 @@ def test_workdir_and_exported_file_give_the_same_numbers(small_mnist_run, export
     assert [path.name for path in figures] == numbers['attention']['files']
     assert len(figures) == 2 and all(path.suffix == '.png' for path in figures)
     assert sorted(path.name for path in tmp_path.iterdir()) == [
-        'file.json', 'workdir.attention', 'workdir.json']  # no temporary left
+        'file.json', 'json.json', 'workdir.attention', 'workdir.json']  # no temporary left
 
 
 def test_pixel_and_random_baselines(small_mnist_run, tmp_path):
@@ -318,3 +334,43 @@ def test_bad_input_is_one_line_and_leaves_no_file(small_mnist_run, exported, tmp
     assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-2000:]
     assert re.search(message, lines[0]), lines[0]
     assert list(out.iterdir()) == []
+
+
+def test_few_shot_on_four_classes_is_clamped_or_refused_before_any_feature(
+        image_folder_labelled):
+    """The defaults' 5-way episodes on a 4-class folder: clamped to 4 ways with one line;
+    on its validation split (12 images a class, fewer than 5 + 15) refused in one line,
+    before any feature is computed."""
+    folder = ('--run_config=configs/vit_small_imagenet.py', '--run_config.data.source=folder',
+              f'--run_config.data.data_dir={image_folder_labelled}',
+              '--run_config.knn.image_size=32', '--run_config.knn.resize_size=36',
+              '--run_config.knn.batch_size=32', '--features=pixels',
+              '--config.protocols=fewshot', '--config.fewshot.n_episodes=10')
+    clamped = evaluate(*folder, '--config.fewshot.split=train',
+                       '--config.data.train_fraction=1.0')
+    assert clamped.returncode == 0, clamped.stderr[-2000:]
+    assert ('fewshot: n_way=5 clamped to 4, the classes of the train split with 5 + 15 '
+            'examples') in clamped.stdout.splitlines()
+    refused = evaluate(*folder)
+    assert refused.returncode == 1 and 'features of both splits' not in refused.stdout
+    assert refused.stderr.strip() == (
+        'error: fewshot: the test split has 0 classes with fewshot.n_shot + '
+        'fewshot.n_query = 20 examples, and an episode needs 2; lower '
+        '--config.fewshot.n_query')
+
+
+def test_ctrl_c_is_one_line_and_writes_nothing(small_mnist_run, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the process group) during the linear probe."""
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'bam_jax.evaluate', '--workdir', str(small_mnist_run),
+         '--config.linear.epochs=1000', '--out', str(tmp_path / 'results.json')],
+        env=environment(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    for line in process.stdout:  # the probe's first epoch: well inside the work
+        if line.startswith('linear epoch 1/1000'):
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr == 'Stopped by SIGINT; nothing was written.\n'
+    assert list(tmp_path.iterdir()) == []

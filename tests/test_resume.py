@@ -17,7 +17,7 @@ from bam_jax.train import loop
 from bam_jax.train.builder import ConfigError
 from bam_jax.train.checkpoint import Checkpointer
 from conftest import REPO, environment, finish, start
-from test_run import losses, small_config
+from test_run import losses, small_config, truncate_newest_array_file
 
 
 @pytest.fixture
@@ -181,3 +181,47 @@ def test_a_partial_latest_checkpoint_is_set_aside_and_the_run_resumes(copy, smal
     resumed, expected = losses(copy), losses(small_mnist_run)
     for step in (61, 62):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-4), step
+
+
+def test_the_workdirs_config_json_is_a_config_file(copy):
+    """`--config=WORKDIR/config.json` is the run's own config: the same run, finished."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'train.py'), f'--config={copy}/config.json',
+         f'--workdir={copy}'], env=environment(4), cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'It had finished before: nothing was recomputed.' in result.stdout
+
+
+def test_runs_shows_the_steps_which_restore_and_the_last_numbers(copy, tmp_path):
+    truncate_newest_array_file(copy / 'checkpoints' / '62')
+    result = subprocess.run([sys.executable, '-m', 'bam_jax.runs', str(copy)],
+                            env=environment(1), cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f'{copy}: vit (embed_dim 32, depth 1, num_heads 2')
+    assert "on mnist 'train'; batch 128, 2 epochs" in lines[0]
+    assert '  unfinished: step 60 of 62 (97 %); train.py with the same flags resumes it' in lines
+    assert '  checkpoints: 50 intact, 60 intact, 62 BROKEN' in lines
+    assert any(line.startswith('  last logged (step 62): loss ') for line in lines)
+    assert not any('kNN' in line for line in lines)  # the small run had it off
+    assert result.stderr == ''  # orbax's reader threads print nothing after the failure
+    missing = subprocess.run([sys.executable, '-m', 'bam_jax.runs', str(tmp_path / 'none')],
+                             env=environment(1), cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f'error: workdir {tmp_path / "none"} does not exist'
+
+
+def test_a_run_saved_before_a_key_existed_resumes_under_its_neutral_value():
+    """A run saved before `model.drop_path_rate` existed trained without drop path: it
+    resumes under 0.0, and only under 0.0."""
+    from bam_jax.train import resume
+    saved = json.loads(small_config().to_json_best_effort())
+    del saved['model']['drop_path_rate']
+    current = json.loads(small_config().to_json_best_effort())
+    assert resume.config_changes(saved, current) == ([], [])
+    current['model']['drop_path_rate'] = 0.1
+    assert resume.config_changes(saved, current)[0] == [
+        ('model.drop_path_rate', '(absent)', 0.1)]

@@ -118,6 +118,13 @@ def test_short_run_learns_and_saves_its_config(learned):
     assert 0 <= trained <= 100 and metrics[STEPS]['knn/student_top5'] >= trained
     assert trained >= random_init_knn() + 1.5
     assert sorted(Checkpointer(learned / 'checkpoints').all_steps()) == [40, 60, 62]
+    # The end of the run says what it learned: its kNN beside raw pixels' on the same
+    # split (evaluate --features=pixels gives 92.8 too), computed once, kept in the workdir.
+    summary = [line for line in pathlib.Path(f'{learned}.log').read_text().splitlines()
+               if line.startswith('The run finished at step 62 (kNN ')]
+    assert len(summary) == 1 and summary[0].endswith(
+        '; raw pixels 92.8 % top-1 on the same split).'), summary
+    assert json.loads((learned / 'knn_pixels.json').read_text())['knn']['top1'] == 92.8
 
 
 def test_tensorboard_shows_the_scalars_hyperparameters_and_profile(learned):
@@ -142,6 +149,7 @@ def test_tensorboard_shows_the_scalars_hyperparameters_and_profile(learned):
     assert hparams['model.name'].string_value == load_config().model.name
     assert list(learned.glob('plugins/profile/*/*.xplane.pb'))  # profile_steps=3
     log = pathlib.Path(f'{learned}.log').read_text()
+    assert f'Profile of steps 11-13 written to {learned}/plugins/profile' in log
     assert 'Step 62/62 (100%): ' in log
     imported = {line.rsplit('|', 1)[1].strip() for line in log.splitlines()
                 if line.startswith('import time:')}

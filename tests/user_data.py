@@ -19,9 +19,16 @@ kNN on raw pixels beats chance. Everything is a pure function of fixed seeds.
 `make_tfds_finetune(root)` adds fine-tuning's data sets beside imagenet2012:
 imagenet2012_subset's '1pct' and '10pct' and CIFAR-shaped cifar10 / cifar100.
 
+- `make_davis(root)`: a DAVIS-2017 root as DAVIS ships it (`JPEGImages/480p/<seq>/*.jpg`,
+  `Annotations/480p/<seq>/*.png` indexed in DAVIS's palette, `ImageSets/2017/val.txt`) of
+  short generated videos: textured objects (squares and discs) moving over a textured
+  background, several per sequence, occluding each other; `make_tfds_davis(root)` the same
+  videos as TFDS's `davis/480p` in ArrayRecord format (TFDS's writer, the registered
+  builder's features).
+
 Session fixtures of the same names (`tfds_imagenet_dir`, `tfds_finetune_dir`, `tfds_imagenet_tfrecord_dir`,
-`image_folder_labelled`, `image_folder_flat`) are available to every test module
-(`pytest_plugins` in conftest.py). `python tests/user_data.py DIR` writes them all to DIR.
+`image_folder_labelled`, `image_folder_flat`, `davis_root`, `tfds_davis_dir`) are available
+to every test module (`pytest_plugins` in conftest.py). `python tests/user_data.py DIR` writes them all to DIR.
 """
 
 import functools
@@ -190,6 +197,104 @@ def make_tfds_imagenet(root, file_format: str = 'array_record') -> str:
     return data_dir
 
 
+# DAVIS-shaped videos: name → number of objects; frames of DAVIS_SIZE (H, W).
+DAVIS_SEQUENCES = {'blocks': 2, 'marbles': 3}
+DAVIS_FRAMES, DAVIS_SIZE, DAVIS_RESOLUTION = 8, (72, 144), '480p'
+
+
+def davis_video(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(frames uint8 `[T, H, W, 3]`, index masks uint8 `[T, H, W]`) of a generated
+    sequence: each object a square or disc of its own texture (a class colour and stripe
+    direction), moving in a straight line; later objects in front."""
+    rng = np.random.default_rng(sorted(DAVIS_SEQUENCES).index(name) + 10)
+    height, width = DAVIS_SIZE
+    background = photo(rng, height, width).astype(np.float32)  # desaturated: objects
+    background = (0.3 * background + 0.7 * background.mean(-1, keepdims=True)).astype(np.uint8)
+    y, x = np.mgrid[0:height, 0:width]
+    frames = np.repeat(background[None], DAVIS_FRAMES, axis=0)
+    masks = np.zeros((DAVIS_FRAMES, height, width), np.uint8)
+    for index in range(1, DAVIS_SEQUENCES[name] + 1):
+        side = int(rng.integers(22, 30))
+        texture = class_image(rng, (index - 1) % len(_COLOURS), side, side)
+        top, left = rng.uniform(4, height - side - 4), rng.uniform(4, width - side - 4)
+        step_y, step_x = rng.uniform(-2, 2), rng.uniform(-3.5, 3.5)
+        disc = index % 2 == 0
+        for t in range(DAVIS_FRAMES):
+            row = int(np.clip(round(top + step_y * t), 0, height - side))
+            col = int(np.clip(round(left + step_x * t), 0, width - side))
+            inside = (y >= row) & (y < row + side) & (x >= col) & (x < col + side)
+            if disc:
+                inside &= ((y - row - side / 2 + 0.5) ** 2 + (x - col - side / 2 + 0.5) ** 2
+                           <= (side / 2) ** 2)
+            local = texture[np.clip(y - row, 0, side - 1), np.clip(x - col, 0, side - 1)]
+            frames[t][inside] = local[inside]
+            masks[t][inside] = index
+    return frames, masks
+
+
+def jpeg(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format='JPEG', quality=95)
+    return buffer.getvalue()
+
+
+def indexed_png(mask: np.ndarray) -> Image.Image:
+    """An index mask as DAVIS stores it: a 'P' PNG in the PASCAL VOC palette."""
+    from bam_jax.evaluate.davis import davis_palette
+    image = Image.fromarray(mask)
+    image.putpalette(davis_palette().ravel().tolist())
+    return image
+
+
+def make_davis(root) -> str:
+    """Writes the generated DAVIS-2017 root into `root` and returns it."""
+    root = os.fspath(root)
+    for name in DAVIS_SEQUENCES:
+        frames, masks = davis_video(name)
+        for kind in ('JPEGImages', 'Annotations'):
+            os.makedirs(os.path.join(root, kind, DAVIS_RESOLUTION, name), exist_ok=True)
+        for t, (frame, mask) in enumerate(zip(frames, masks)):
+            with open(os.path.join(root, 'JPEGImages', DAVIS_RESOLUTION, name,
+                                   f'{t:05d}.jpg'), 'wb') as file:
+                file.write(jpeg(frame))
+            indexed_png(mask).save(os.path.join(root, 'Annotations', DAVIS_RESOLUTION, name,
+                                                f'{t:05d}.png'))
+    os.makedirs(os.path.join(root, 'ImageSets', '2017'), exist_ok=True)
+    with open(os.path.join(root, 'ImageSets', '2017', 'val.txt'), 'w') as file:
+        file.write(''.join(f'{name}\n' for name in DAVIS_SEQUENCES))
+    return root
+
+
+def _build_tfds_davis(data_dir: str) -> None:
+    """TFDS's `davis/480p` of the same videos (imports TensorFlow: its own process)."""
+    import tensorflow_datasets as tfds
+
+    registered = tfds.builder('davis/480p', data_dir=data_dir)
+    examples = []
+    for name in DAVIS_SEQUENCES:
+        frames, masks = davis_video(name)
+        examples.append((name, dict(
+            video=dict(frames=[jpeg(frame) for frame in frames],
+                       segmentations=[mask[..., None] for mask in masks]),
+            metadata=dict(num_frames=len(frames), video_name=name))))
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name='davis', version=str(registered.info.version), config='480p',
+        features=registered.info.features, data_dir=data_dir,
+        split_datasets={'validation': examples}, file_format='array_record')
+    prepared = tfds.builder('davis/480p', data_dir=data_dir)
+    prepared.info.write_to_directory(prepared.data_dir)
+
+
+def make_tfds_davis(root) -> str:
+    data_dir = os.fspath(root)
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), '--tfds-davis',
+                             data_dir], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=REPOSITORY))
+    if result.returncode:
+        raise RuntimeError(f'writing davis in {data_dir} failed:\n{result.stderr[-3000:]}')
+    return data_dir
+
+
 def make_image_folders(root) -> tuple[str, str]:
     """(labelled root, flat root) below `root`: `labelled/{train,validation}/<synset>/
     <file>`, and `flat/train/<file>` unlabelled beside a labelled `flat/validation`."""
@@ -280,11 +385,25 @@ def image_folder_flat(_image_folders) -> str:
     return _image_folders[1]
 
 
+@pytest.fixture(scope='session')
+def davis_root(tmp_path_factory) -> str:
+    """A DAVIS-2017 root of the generated videos (DAVIS's layout, val split)."""
+    return built_once(tmp_path_factory, 'davis', make_davis)
+
+
+@pytest.fixture(scope='session')
+def tfds_davis_dir(tmp_path_factory) -> str:
+    """A TFDS data_dir with the same videos as `davis/480p` (ArrayRecord)."""
+    return built_once(tmp_path_factory, 'tfds_davis', make_tfds_davis)
+
+
 if __name__ == '__main__':
     if sys.argv[1] == '--tfds':
         _build_tfds(*sys.argv[2:])
     elif sys.argv[1] == '--tfds-finetune':
         _build_tfds_finetune(*sys.argv[2:])
+    elif sys.argv[1] == '--tfds-davis':
+        _build_tfds_davis(sys.argv[2])
     else:
         out = sys.argv[1]
         print(make_tfds_imagenet(os.path.join(out, 'tfds')), *make_image_folders(out))

@@ -123,9 +123,10 @@ class TfdsSource:
         except tfds.core.registered.DatasetNotFoundError as error:
             raise DataError(f'Unknown TFDS data set {name!r} (data_dir={data_dir!r}).') from error
         if not builder.is_prepared():
+            where = f' --data_dir={data_dir}' if data_dir else ''
             raise DataError(
                 f'TFDS data set {name!r} is not prepared in data_dir={data_dir!r}; prepare '
-                f'it with `tfds build {name} --file_format=array_record --data_dir=...`.')
+                f'it with `tfds build {name} --file_format=array_record{where}`.')
         file_format = builder.info.file_format
         if file_format is None or file_format.value != 'array_record':
             raise DataError(

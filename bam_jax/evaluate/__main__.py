@@ -1,5 +1,5 @@
 r"""Evaluates a frozen backbone with every protocol: kNN, linear probe, L-BFGS logistic
-regression, few-shot, retrieval, k-means, attention maps.
+regression, few-shot, retrieval, k-means, attention maps, DAVIS video object segmentation.
 
   python -m bam_jax.evaluate --workdir DIR [--step N] [--weights teacher|student] \
     [--features checkpoint|random|pixels] [--out FILE.json] [--config.<key>=<value> ...]
@@ -14,8 +14,8 @@ a baseline without a workdir) gives the data defaults and, in its `evaluation` s
 `--features=random` evaluates the run's architecture at its random initialisation,
 `--features=pixels` raw pixels. The results are printed as a table and written, all or
 nothing, to `--out` (JSON); the attention figures go to the directory
-`OUT_STEM.attention/`. Bad input stops with one `error:` line and exit status 1, before
-anything is written.
+`OUT_STEM.attention/`, the DAVIS masks and overlays to `OUT_STEM.davis/`. Bad input stops
+with one `error:` line and exit status 1, before anything is written.
 """
 
 from __future__ import annotations
@@ -88,22 +88,25 @@ def _run_config(workdir, backbone):
     return _RUN_CONFIG.value
 
 
-def _output_paths(out: str | None, protocols) -> tuple[pathlib.Path | None,
-                                                        pathlib.Path | None]:
-    """(--out, the attention directory), checked before any work."""
+def _output_paths(out: str | None, protocols
+                  ) -> tuple[pathlib.Path | None, dict[str, pathlib.Path]]:
+    """(--out, {protocol: its directory OUT_STEM.<protocol>}), checked before any work."""
+    from bam_jax.evaluate.runner import FIGURES
+    figures = [name for name in protocols if name in FIGURES]
     if out is None:
-        if 'attention' in protocols:
-            _fail('the attention protocol writes figures: pass --out FILE.json')
-        return None, None
+        if figures:
+            _fail(f'the {figures[0]} protocol writes files: pass --out FILE.json')
+        return None, {}
     out = pathlib.Path(out).absolute()
     if not out.parent.is_dir():
         _fail(f'output directory {out.parent} does not exist')
     if out.is_dir():
         _fail(f'--out {out} is a directory')
-    attention = out.with_name(out.stem + '.attention') if 'attention' in protocols else None
-    if attention is not None and attention.exists():
-        _fail(f'{attention} already exists; remove it or choose another --out')
-    return out, attention
+    directories = {name: out.with_name(f'{out.stem}.{name}') for name in figures}
+    for directory in directories.values():
+        if directory.exists():
+            _fail(f'{directory} already exists; remove it or choose another --out')
+    return out, directories
 
 
 def _number(value) -> str:
@@ -152,18 +155,19 @@ def main(argv):
             config_flags.get_config_filename(config_flag) if config_flag.present
             else 'configs/evaluate.py')
         protocols = runner.parse_protocols(config.protocols)
-        out, attention_dir = _output_paths(_OUT.value, protocols)
+        out, directories = _output_paths(_OUT.value, protocols)
         log(settings)
         subject = runner.load_subject(_FEATURES.value, run_config, workdir=workdir,
                                       step=_STEP.value, weights=_WEIGHTS.value,
                                       backbone_file=backbone)
-        evaluation = runner.Evaluation(config, run_config, subject, log=log)
-        staging = None
-        if attention_dir is not None:
-            staging = attention_dir.with_name(f'.{attention_dir.name}.{os.getpid()}.tmp')
-            staging.mkdir()
+        evaluation = runner.Evaluation(config, run_config, subject, log=log,
+                                       protocols=protocols)
+        staging = {name: directory.with_name(f'.{directory.name}.{os.getpid()}.tmp')
+                   for name, directory in directories.items()}
         try:
-            results, seconds = evaluation.run(protocols, attention_dir=staging)
+            for directory in staging.values():
+                directory.mkdir()
+            results, seconds = evaluation.run(protocols, out_dirs=staging)
             summary = {'features': subject.kind, **subject.description,
                        'model': run_config.model.to_dict(), 'data': evaluation.data.to_dict(),
                        'num_classes': evaluation.num_classes, 'devices': jax.device_count(),
@@ -171,11 +175,11 @@ def main(argv):
             if out is not None and jax.process_index() == 0:
                 export.write_all({out: lambda path: path.write_text(
                     json.dumps(summary, indent=2) + '\n')})
-                if staging is not None:
-                    os.replace(staging, attention_dir)
+                for name, directory in staging.items():
+                    os.replace(directory, directories[name])
         finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+            for directory in staging.values():
+                shutil.rmtree(directory, ignore_errors=True)
     except (export.ExportError, DataError, ValueError, OSError) as error:
         # ValueError: bad settings and the architecture mismatches (ArchitectureMismatch).
         _fail(str(error).replace('\n', ' '))
@@ -184,7 +188,8 @@ def main(argv):
         os._exit(command_line.interrupted('nothing was written'))
     print('\n'.join(_table(results)))
     if out is not None:
-        print(f'wrote {out}' + (f' and {attention_dir}/' if attention_dir else ''))
+        print(f'wrote {out}' + ''.join(f' and {directory}/'
+                                       for directory in directories.values()))
 
 
 if __name__ == '__main__':

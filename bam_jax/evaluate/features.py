@@ -116,3 +116,20 @@ def extract_features(features_fn: Callable[[jax.Array], jax.Array],
     # [global batch, batches, ...] → [rows, ...]: merging into the sharded leading axis
     # keeps every row on its device.
     return jax.jit(_flatten, out_shardings=rows)(buffer)
+
+
+# Raw pixels are compared at this side (configs/evaluate.py's `pixels_size` default): the
+# MNIST digits as they are, a 224 px crop a 3,072-dimensional vector.
+PIXELS_SIZE = 32
+
+
+def pixel_features(size: int = PIXELS_SIZE) -> Callable[[jax.Array], jax.Array]:
+    """Normalised images → the images resized to `size` (antialiased) and flattened: the
+    raw-pixel baseline of every protocol."""
+    @jax.jit
+    def features(images):
+        if images.shape[1:3] != (size, size):
+            images = jax.image.resize(images, (images.shape[0], size, size, 3), 'linear',
+                                      antialias=True)
+        return images.reshape(images.shape[0], -1)
+    return features

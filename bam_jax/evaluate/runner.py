@@ -46,7 +46,10 @@ from bam_jax.models.vit import VisionTransformer
 from bam_jax.train.builder import crop_shapes
 from bam_jax.train.state import create_train_state
 
-PROTOCOLS = ('knn', 'linear', 'logreg', 'fewshot', 'retrieval', 'kmeans', 'attention')
+PROTOCOLS = ('knn', 'linear', 'logreg', 'fewshot', 'retrieval', 'kmeans', 'attention',
+             'davis')
+# Protocols that write files into a directory beside --out (OUT_STEM.<protocol>/).
+FIGURES = ('attention', 'davis')
 FEATURES = ('checkpoint', 'random', 'pixels')
 # Protocols on the shared (CLS / pooled) features of the two splits.
 SHARED = ('knn', 'logreg', 'fewshot', 'retrieval', 'kmeans')
@@ -180,17 +183,6 @@ def load_subject(kind: str, run_config, *, workdir: pathlib.Path | None, step: i
                     'weights': weights})
 
 
-def pixel_features(size: int) -> Callable[[jax.Array], jax.Array]:
-    """Normalised images → the images resized to `size` (antialiased) and flattened."""
-    @jax.jit
-    def features(images):
-        if images.shape[1:3] != (size, size):
-            images = jax.image.resize(images, (images.shape[0], size, size, 3), 'linear',
-                                      antialias=True)
-        return images.reshape(images.shape[0], -1)
-    return features
-
-
 def host_rows(split: features_lib.Features) -> tuple[np.ndarray, np.ndarray]:
     """The valid, labelled rows of a split's features and labels, on every host."""
     features, labels, valid = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -203,13 +195,22 @@ class Evaluation:
     """One subject on one run's data: `run(protocols)` → {protocol: numbers}."""
 
     def __init__(self, config, run_config, subject: Subject, *,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, protocols=PROTOCOLS):
         self.config, self.run_config, self.subject, self.log = (config, run_config,
                                                                  subject, log)
         self.data = resolve_data(config, run_config)
         self.mesh = jax.make_mesh((jax.device_count(),), ('data',),
                                   axis_types=(AxisType.Auto,))
-        data = self.data
+        if subject.variables is not None:
+            self.variables = jax.device_put(subject.variables,
+                                            NamedSharding(self.mesh, P()))
+        self._shared = None
+        self.num_classes = None
+        if any(name != 'davis' for name in protocols):  # the run's labelled images
+            self._open_splits()
+
+    def _open_splits(self):
+        config, run_config, data = self.config, self.run_config, self.data
         for name, size in (('data.batch_size', data.batch_size),
                            ('linear.batch_size', config.linear.batch_size)):
             if size % jax.device_count():
@@ -228,10 +229,6 @@ class Evaluation:
             raise EvaluationError(f'the {data.train_split} split of {run_config.data.source} '
                                   f'has no labels; {fix}')
         self.num_classes = int(self.train_labels.max()) + 1
-        if subject.variables is not None:
-            self.variables = jax.device_put(subject.variables,
-                                            NamedSharding(self.mesh, P()))
-        self._shared = None
 
     # -- inputs ------------------------------------------------------------------
     def _input(self, source, *, batch_size=None, **kwargs) -> eval_input.EvalInput:
@@ -248,7 +245,7 @@ class Evaluation:
 
     def _features_fn(self, layout=None) -> Callable[[jax.Array], jax.Array]:
         if self.subject.kind == 'pixels':
-            return pixel_features(self.config.pixels_size)
+            return features_lib.pixel_features(self.config.pixels_size)
         backbone = self.subject.backbone
         apply = layout or (lambda variables, images: backbone.apply(variables, images,
                                                                     train=False))
@@ -378,8 +375,11 @@ class Evaluation:
                 linear.n_last_blocks = blocks
         if 'fewshot' in protocols:
             fewshot = self.config.fewshot
-            labels = self.train_labels if fewshot.split == 'train' else (
-                eval_input.source_labels(self.test_source))
+            if fewshot.split == 'train':  # the rows the shared features hold
+                indices = self._train_indices(self.data.train_fraction)
+                labels = self.train_labels if indices is None else self.train_labels[indices]
+            else:
+                labels = eval_input.source_labels(self.test_source)
             classes = fewshot_lib.eligible_classes(labels, fewshot.n_shot + fewshot.n_query)
             if 2 <= classes < fewshot.n_way:
                 self.log(f'fewshot: n_way={fewshot.n_way} clamped to {classes}, the classes '
@@ -392,9 +392,63 @@ class Evaluation:
                     f'fewshot.n_shot + fewshot.n_query = {fewshot.n_shot + fewshot.n_query} '
                     'examples, and an episode needs 2; lower --config.fewshot.n_query')
 
+    def davis_videos(self):
+        """The DAVIS sequences and the propagation settings, checked (the backbone, the
+        data, every annotation) before any work."""
+        from bam_jax.evaluate import davis as davis_lib
+        settings = self.config.davis
+        try:
+            if self.subject.kind == 'pixels':
+                raise ValueError('raw pixels have no patch tokens')
+            davis_lib.check_backbone(self.subject.backbone)
+        except ValueError as error:
+            raise EvaluationError(f'the davis protocol: {error}') from error
+        if jax.process_count() > 1:
+            raise EvaluationError('the davis protocol runs in one process (all its devices); '
+                                  f'this run has {jax.process_count()}')
+        patch_size = self.subject.backbone.patch_size
+        n_last_frames = tuple(settings.n_last_frames)
+        for name, ok in (('n_last_frames', n_last_frames and min(n_last_frames) >= 1),
+                         ('batch_size', settings.batch_size % jax.device_count() == 0),
+                         ('short_side', settings.short_side % patch_size == 0),
+                         ('long_side_multiple', settings.long_side_multiple % patch_size == 0),
+                         ('topk', settings.topk >= 1)):
+            if not ok:
+                raise EvaluationError(
+                    f'config.davis.{name}={settings[name]!r}: n_last_frames must be ≥ 1, '
+                    f'topk ≥ 1, batch_size a multiple of the {jax.device_count()} devices, '
+                    f'short_side and long_side_multiple multiples of the patch size '
+                    f'{patch_size}')
+        videos = davis_lib.select_videos(davis_lib.make_source(settings), settings.sequences)
+        return videos, davis_lib.Settings(
+            n_last_frames=n_last_frames, short_side=settings.short_side,
+            long_side_multiple=settings.long_side_multiple,
+            size_mask_neighborhood=settings.size_mask_neighborhood, topk=settings.topk,
+            temperature=settings.temperature, batch_size=settings.batch_size,
+            overlay_sequences=settings.overlay_sequences, patch_size=patch_size)
+
+    def davis(self, out_dir: pathlib.Path, checked) -> dict[str, Any]:
+        from bam_jax.evaluate import davis as davis_lib
+        videos, settings = checked
+        features_fn = davis_lib.frame_features_fn(
+            self.subject.backbone, self.variables, mean=tuple(self.config.davis.mean),
+            std=tuple(self.config.davis.std), norm=self.config.davis.norm)
+        results = davis_lib.evaluate_videos(videos, features_fn, settings, mesh=self.mesh,
+                                            out_dir=out_dir, log=self.log)
+        for line in davis_lib.table(results):
+            self.log(line)
+        for run in results['runs']:  # the numbers of the console's table
+            for name, value in run['global'].items():
+                results[f"{name} n={run['n_last_frames']}"] = 100 * value
+        return results
+
     def check(self, protocols: list[str]):
-        """Settings errors before any feature is computed."""
+        """Settings errors before any feature is computed; returns what the checks
+        opened (the DAVIS videos)."""
         self._clamp(protocols)
+        opened = {}
+        if 'davis' in protocols:
+            opened['davis'] = self.davis_videos()
         if 'attention' in protocols:
             from bam_jax.evaluate.attention import check_backbone
             try:
@@ -409,11 +463,14 @@ class Evaluation:
             linear_lib.feature_layout(self.subject.backbone,
                                       n_last_blocks=self.config.linear.n_last_blocks,
                                       avgpool=self.config.linear.avgpool)
+        return opened
 
-    def run(self, protocols: list[str], attention_dir: pathlib.Path | None = None
+    def run(self, protocols: list[str], out_dirs: Mapping[str, pathlib.Path] = None
             ) -> tuple[dict[str, Any], dict[str, float]]:
-        """({protocol: its numbers}, {'features' and each protocol: wall seconds})."""
-        self.check(protocols)
+        """({protocol: its numbers}, {'features' and each protocol: wall seconds});
+        `out_dirs`: the directory of each protocol in FIGURES."""
+        out_dirs = out_dirs or {}
+        opened = self.check(protocols)
         results, seconds = {}, {}
         if any(name in SHARED for name in protocols):
             start = time.perf_counter()
@@ -423,7 +480,9 @@ class Evaluation:
         for name in protocols:
             start = time.perf_counter()
             if name == 'attention':
-                results[name] = self.attention(attention_dir)
+                results[name] = self.attention(out_dirs[name])
+            elif name == 'davis':
+                results[name] = self.davis(out_dirs[name], opened[name])
             else:
                 results[name] = getattr(self, name)()
             seconds[name] = time.perf_counter() - start

@@ -545,8 +545,11 @@ class FinetuneTask:
     def result(self, evaluation: dict[str, float]) -> dict[str, Any]:
         return {'task': 'finetune', 'labelled': True, **evaluation}
 
-    def final_log(self, step: int, evaluation: dict[str, float]):
+    def finish(self, step: int, evaluation: dict[str, float], *, total_steps: int,
+               workdir) -> dict[str, float]:
+        del total_steps, workdir
         if evaluation:
             logging.info('Top-1 %.2f %%, top-5 %.2f %% on %s at step %d.',
                          evaluation['eval/top1'], evaluation['eval/top5'],
                          _describe(self.config.data, self.config.data.val_split), step)
+        return evaluation

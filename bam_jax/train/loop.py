@@ -268,7 +268,7 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
         checkpointer.wait_until_finished()
         if hasattr(iterator, 'close'):
             iterator.close()
-    task.final_log(step, evaluation)
+    evaluation = task.finish(step, evaluation, total_steps=total_steps, workdir=workdir)
     writer.flush()
     writer.close()
     checkpointer.close()

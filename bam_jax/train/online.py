@@ -7,6 +7,7 @@ Both run the backbone in eval mode over a whole split with the evaluation input
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -18,7 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bam_jax.data import ccrop, eval_input, sources
 from bam_jax.evaluate import knn_accuracy, normalize_images
+from bam_jax.evaluate.features import PIXELS_SIZE, pixel_features
 from bam_jax.train.state import backbone_variables, gathered
+
+PIXEL_KNN_FILE = 'knn_pixels.json'  # the raw-pixel kNN of a run's splits, in its workdir
 
 
 def _eval_input(config, source, *, image_size: int, resize_size: int | None,
@@ -203,6 +207,35 @@ class OnlineKnn:
             results.update({f'knn/{weights}_{name}': value
                             for name, value in accuracy.items()})
         return results
+
+
+    def pixels(self) -> dict[str, float]:
+        """The same kNN on raw pixels (`evaluate --features=pixels`): what the backbone
+        must beat."""
+        if self._train_input is None:
+            self._choose_bank()
+        return knn_accuracy(pixel_features(), self._train_input, self._val_input,
+                            mesh=self._mesh, num_classes=self.num_classes, k=self._knn.k,
+                            temperature=self._knn.temperature)
+
+
+def pixel_knn(knn: OnlineKnn, config, workdir) -> dict[str, float]:
+    """`knn.pixels()` for this run's kNN settings, computed once and kept in
+    `WORKDIR/knn_pixels.json` (every process computes; process 0 writes)."""
+    settings = {'data': json.loads(config.data.to_json_best_effort()),
+                'knn': json.loads(config.knn.to_json_best_effort()),
+                'pixels_size': PIXELS_SIZE}
+    path = workdir / PIXEL_KNN_FILE
+    try:
+        cached = json.loads(path.read_text())
+        if cached['settings'] == settings:
+            return cached['knn']
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    result = knn.pixels()
+    if jax.process_index() == 0:
+        path.write_text(json.dumps({'settings': settings, 'knn': result}, indent=2) + '\n')
+    return result
 
 
 def contrastive_crop_boxes(config, backbone, state, source,

@@ -28,9 +28,13 @@ RUN_CONTROL = ('log_every_steps', 'checkpoint_every_steps', 'max_checkpoints', '
                # backbone's location (a resumed run reads its checkpoint, not that)
                'eval.', 'init.workdir', 'init.file')
 
+# Keys added to the configs after runs were saved without them, with the value that does
+# what those runs did: a run saved before a key existed resumes under that value.
+ADDED_KEYS = {'model.drop_path_rate': 0.0}
+
 # What a run writes into its workdir (all of it moves aside with --fresh).
 RUN_FILES = ('checkpoints', 'config.json', 'metrics.jsonl', 'events.out.tfevents.*',
-             'plugins')
+             'plugins', 'knn_pixels.json')
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict[str, object]:
@@ -50,6 +54,8 @@ def config_changes(saved: dict, current: dict) -> tuple[list, list]:
     defining, control = [], []
     for key in sorted(saved.keys() | current.keys()):
         old, new = saved.get(key, '(absent)'), current.get(key, '(absent)')
+        if old == '(absent)' and key in ADDED_KEYS and new == ADDED_KEYS[key]:
+            continue  # saved before the key existed: it did what this value does
         if old != new:
             steering = any(key == name or (name.endswith('.') and key.startswith(name))
                            for name in RUN_CONTROL)

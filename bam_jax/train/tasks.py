@@ -21,7 +21,8 @@ A task has:
                        what to log (and return at the end); whether the input must be
                        made again (it reads something that changed)
   result(evaluation)   entries of the loop's return value (for train.py's summary)
-  final_log(step, evaluation)  one log line after the last step, or nothing
+  finish(step, evaluation, *, total_steps, workdir) -> evaluation
+                       after the last step: its log line, baselines beside it
 """
 
 from __future__ import annotations
@@ -125,10 +126,18 @@ class PretrainTask:
                 'labelled': online.has_labelled_splits(self.config, self.train_source),
                 **evaluation}
 
-    def final_log(self, step: int, evaluation: dict[str, float]):
+    def finish(self, step: int, evaluation: dict[str, float], *, total_steps: int,
+               workdir) -> dict[str, float]:
+        """The last kNN in the log; at the run's end, the raw-pixel kNN of the same
+        split beside it (the baseline, computed once: `online.pixel_knn`)."""
         if evaluation:
             logging.info('kNN (k=%d) at step %d: %s', self.config.knn.k, step, ', '.join(
                 f'{name} {value:.2f}%' for name, value in sorted(evaluation.items())))
+            if step == total_steps:  # the baseline beside the final numbers
+                evaluation.update({f'knn_pixels/{name}': value for name, value in
+                                   online.pixel_knn(self._knn, self.config,
+                                                    workdir).items()})
+        return evaluation
 
 
 def check_batch(source, batch_size: int, config):
