@@ -18,7 +18,7 @@ COMMANDS = {
     'convert': (['-m', 'bam_jax.data.convert'], False),
 }
 FIRST_LINES = {
-    'train': 'Pretrains a backbone with BAM.',
+    'train': 'Pretrains a backbone with BAM, or fine-tunes one',
     'export': 'Backbones to PyTorch/timm files',
     'evaluate': 'Evaluates a frozen backbone with every protocol',
     'convert': 'TFDS TFRecord → ArrayRecord without Apache Beam',
