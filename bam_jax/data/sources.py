@@ -431,6 +431,15 @@ class SyntheticSource:
         return _record(image, index % self.num_classes, index, f'synthetic[{index}]')
 
 
+def describe_split(data_config, split: str) -> str:
+    """How messages name a split: "imagenet2012 'train'", "the folder DIR/train"."""
+    if data_config.source == 'folder':
+        return f'the folder {os.path.join(data_config.data_dir, split)}'
+    if data_config.source == 'tfds':
+        return f'{data_config.name} {split!r}'
+    return f'{data_config.source} {split!r}'
+
+
 def make_source(data_config, split: str | None = None):
     """The source named by `config.data` (`source`: 'tfds' | 'folder' | 'mnist' | 'synthetic')."""
     split = data_config.split if split is None else split

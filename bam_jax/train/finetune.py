@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bam_jax.data import crops as crops_lib
 from bam_jax.data import eval_input, mixup as mixup_lib, pipeline, sources
 from bam_jax.data import random_erasing as erasing_lib
+from bam_jax.data.sources import describe_split
 from bam_jax.evaluate.features import normalize_images
 from bam_jax.models import multicrop
 from bam_jax.models.vit import VisionTransformer
@@ -97,14 +98,6 @@ def data_classes(source) -> int | None:
         return int(labels.max()) + 1 if (labels >= 0).any() else None
     declared = getattr(source, 'num_classes', None)
     return int(declared) if declared else None
-
-
-def _describe(data, split: str) -> str:
-    if data.source == 'tfds':
-        return f'{data.name} {split!r}'
-    if data.source == 'folder':
-        return f'the folder {pathlib.Path(data.data_dir) / split}'
-    return f'{data.source} {split!r}'
 
 
 def validate_finetune_config(config, device_count: int):
@@ -475,13 +468,13 @@ class FinetuneTask:
         self.train_source = sources.make_source(data)
         classes = data_classes(self.train_source)
         if classes is None:
-            raise sources.DataError(f'{_describe(data, data.split)} has no labels: '
+            raise sources.DataError(f'{describe_split(data, data.split)} has no labels: '
                                     'fine-tuning needs a labelled train split.')
         if config.num_classes is None:
             config.num_classes = classes
         elif config.num_classes != classes:
             raise ConfigError(f'config.num_classes={config.num_classes}, but '
-                              f'{_describe(data, data.split)} has {classes} classes; '
+                              f'{describe_split(data, data.split)} has {classes} classes; '
                               f'set config.num_classes={classes}.')
         try:
             self.val_source = sources.make_source(data, data.val_split)
@@ -491,7 +484,7 @@ class FinetuneTask:
         val_classes = data_classes(self.val_source)
         if val_classes is None:
             raise sources.DataError(f'config.data.val_split={data.val_split!r}: '
-                                    f'{_describe(data, data.val_split)} has no labels.')
+                                    f'{describe_split(data, data.val_split)} has no labels.')
         self._randaugment = _randaugment(config)
         self._evaluate = None
 
@@ -551,5 +544,5 @@ class FinetuneTask:
         if evaluation:
             logging.info('Top-1 %.2f %%, top-5 %.2f %% on %s at step %d.',
                          evaluation['eval/top1'], evaluation['eval/top5'],
-                         _describe(self.config.data, self.config.data.val_split), step)
+                         describe_split(self.config.data, self.config.data.val_split), step)
         return evaluation

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import threading
 
 import jax
@@ -18,6 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bam_jax.data import ccrop, eval_input, sources
+from bam_jax.data.sources import describe_split
 from bam_jax.evaluate import knn_accuracy, normalize_images
 from bam_jax.evaluate.features import PIXELS_SIZE, pixel_features
 from bam_jax.train.state import backbone_variables, gathered
@@ -31,15 +31,6 @@ def _eval_input(config, source, *, image_size: int, resize_size: int | None,
         source, image_size=image_size, resize_size=resize_size, indices=indices,
         batch_size=config.knn.batch_size // jax.process_count(), squash=squash,
         process_index=jax.process_index(), process_count=jax.process_count())
-
-
-def _describe(data_config, split: str) -> str:
-    """How the log names a split: "imagenet2012 'train'", "the folder DIR/train"."""
-    if data_config.source == 'folder':
-        return f'the folder {os.path.join(data_config.data_dir, split)}'
-    if data_config.source == 'tfds':
-        return f'{data_config.name} {split!r}'
-    return f'{data_config.source} {split!r}'
 
 
 def _is_labelled(source) -> bool:
@@ -93,10 +84,10 @@ def make_online_knn(config, backbone, train_source, mesh: jax.sharding.Mesh
     if labels is None:
         if explicit:
             raise sources.DataError(
-                f'config.knn.train_split={split!r}: {_describe(data, split)} has no labels; '
-                'name a labelled split, or set config.knn.every_epochs=0.')
+                f'config.knn.train_split={split!r}: {describe_split(data, split)} has no '
+                'labels; name a labelled split, or set config.knn.every_epochs=0.')
         logging.info('Online kNN off: %s has no labels; set config.knn.train_split=<a '
-                     'labelled split> to turn it on.', _describe(data, split))
+                     'labelled split> to turn it on.', describe_split(data, split))
         return None
     try:
         val_source = sources.make_source(data, knn.val_split)
@@ -104,22 +95,24 @@ def make_online_knn(config, backbone, train_source, mesh: jax.sharding.Mesh
         raise sources.DataError(f'config.knn.val_split={knn.val_split!r}: {error}') from None
     if not _is_labelled(val_source):
         raise sources.DataError(
-            f'config.knn.val_split={knn.val_split!r}: {_describe(data, knn.val_split)} has '
-            'no labels; name a labelled split, or set config.knn.every_epochs=0.')
+            f'config.knn.val_split={knn.val_split!r}: '
+            f'{describe_split(data, knn.val_split)} has no labels; name a labelled split, or '
+            'set config.knn.every_epochs=0.')
     online_knn = OnlineKnn(config, backbone, train_source, mesh, labels=labels,
                            val_source=val_source)
     if isinstance(labels, _Background):
-        bank = (f'{100 * min(knn.train_fraction, 1):g} % of {_describe(data, split)} '
+        bank = (f'{100 * min(knn.train_fraction, 1):g} % of {describe_split(data, split)} '
                 '(class-balanced; its labels are read in the background)')
         logging.info('Online kNN every %d epochs: %s against %r (%s images).',
                      knn.every_epochs, bank, knn.val_split, f'{len(val_source):,}')
         return online_knn
     classes = len(np.unique(labels[labels >= 0]))
     if knn.train_fraction >= 1:
-        bank = f'all of {_describe(data, split)} ({len(labels):,} images, {classes} classes)'
+        bank = (f'all of {describe_split(data, split)} ({len(labels):,} images, {classes} '
+                'classes)')
     else:
-        bank = (f'{100 * knn.train_fraction:g} % of {_describe(data, split)} (class-balanced, '
-                f'{online_knn.num_train:,} images, {classes} classes)')
+        bank = (f'{100 * knn.train_fraction:g} % of {describe_split(data, split)} '
+                f'(class-balanced, {online_knn.num_train:,} images, {classes} classes)')
     logging.info('Online kNN every %d epochs: %s against %r (%s images).', knn.every_epochs,
                  bank, knn.val_split, f'{len(val_source):,}')
     return online_knn
