@@ -18,7 +18,6 @@ and SLURM jobs `jax.distributed` is initialised from the environment; elsewhere 
 import logging as python_logging
 import os
 import shlex
-import signal
 import sys
 
 from absl import app, flags, logging
