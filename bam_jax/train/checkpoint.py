@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -131,6 +132,7 @@ class Checkpointer:
                 if not error.corrupt:
                     raise
                 unreadable.append((step, error))
+                _quiet_closed_event_loop()
                 continue
             for bad_step, error in unreadable:
                 logging.warning('%s; moved to %s, resuming from step %d.', error,
@@ -170,6 +172,33 @@ class Checkpointer:
 
     def close(self):
         self._manager.close()
+
+
+def _quiet_closed_event_loop():
+    """After a corrupt step's restore failed, tensorstore's reader threads still finish
+    and call into orbax's event loop, closed by then, and orbax's abandoned read
+    coroutines are collected with their errors: each reached `sys.unraisablehook` as a
+    traceback, dozens of them after the run's one warning. Those alone are dropped (an
+    error raised in orbax's code, or the closed loop); every other one still prints."""
+    previous = sys.unraisablehook
+    if getattr(previous, 'quiets_closed_event_loop', False):
+        return
+
+    def raised_in_orbax(traceback) -> bool:
+        while traceback is not None and traceback.tb_next is not None:
+            traceback = traceback.tb_next
+        return traceback is not None and '/orbax/' in traceback.tb_frame.f_code.co_filename
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        closed_loop = isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+        if not (closed_loop or raised_in_orbax(unraisable.exc_traceback)):
+            previous(unraisable)
+    hook.quiets_closed_event_loop = True
+    sys.unraisablehook = hook
+    # The same reads, gathered by asyncio, are logged as never retrieved.
+    logging.getLogger('asyncio').addFilter(
+        lambda record: 'Encountered error while reading array' not in record.getMessage())
 
 
 def root_cause(error: BaseException) -> str:
