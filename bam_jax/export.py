@@ -108,6 +108,7 @@ def restore_state(workdir: pathlib.Path, step: int | None = None):
         state, items = checkpointer.restore(checkpoint_lib.abstract_like(abstract, mesh),
                                             step)
     except Exception as error:  # tensorstore reports unreadable data as a bare Exception
+        checkpoint_lib.quiet_failed_restore()
         raise ExportError(f'checkpoint {directory / str(step)} is corrupt or unreadable: '
                           f'{checkpoint_lib.root_cause(error)}') from error
     finally:

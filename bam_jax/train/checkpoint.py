@@ -132,7 +132,7 @@ class Checkpointer:
                 if not error.corrupt:
                     raise
                 unreadable.append((step, error))
-                _quiet_closed_event_loop()
+                quiet_failed_restore()
                 continue
             for bad_step, error in unreadable:
                 logging.warning('%s; moved to %s, resuming from step %d.', error,
@@ -174,7 +174,7 @@ class Checkpointer:
         self._manager.close()
 
 
-def _quiet_closed_event_loop():
+def quiet_failed_restore():
     """After a corrupt step's restore failed, tensorstore's reader threads still finish
     and call into orbax's event loop, closed by then, and orbax's abandoned read
     coroutines are collected with their errors: each reached `sys.unraisablehook` as a
