@@ -54,13 +54,20 @@ def make_task(config, device_count: int):
     return PretrainTask(config, device_count)
 
 
+def abstract_training(config, mesh: jax.sharding.Mesh, steps_per_epoch: int = 1):
+    """What `config.task` builds (its `.state` shapes and shardings on `mesh` only, its
+    jitted `.train_step`), allocating nothing: for compiling the step ahead of time
+    (`benchmarks/memory_plan.py`)."""
+    if task_name(config) == 'finetune':
+        from bam_jax.train.finetune import build_finetuning  # pylint: disable=import-outside-toplevel
+        return build_finetuning(config, mesh, steps_per_epoch, abstract=True)
+    return build_training(config, mesh, steps_per_epoch, abstract=True)
+
+
 def abstract_state(config, mesh: jax.sharding.Mesh):
     """The shapes (and shardings on `mesh`) of a run's train state, for restoring a
     checkpoint outside the loop (export, evaluation)."""
-    if task_name(config) == 'finetune':
-        from bam_jax.train.finetune import build_finetuning  # pylint: disable=import-outside-toplevel
-        return build_finetuning(config, mesh, 1, abstract=True).state
-    return build_training(config, mesh, 1, abstract=True).state
+    return abstract_training(config, mesh).state
 
 
 class PretrainTask:
