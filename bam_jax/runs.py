@@ -91,14 +91,16 @@ def describe(workdir: pathlib.Path, *, check: bool = True) -> list[str]:
                                 if name in metrics[step]
                                 and math.isfinite(metrics[step][name]))
             lines.append(f'  last logged (step {step}): {scalars}')
-        knn = [step for step, scalars in metrics.items()
-               if any(name.startswith('knn/') for name in scalars)]
-        if knn:
-            step = max(knn)
-            values = ', '.join(f'{name[4:]} {value:.1f} %'
-                               for name, value in sorted(metrics[step].items())
-                               if name.startswith('knn/'))
-            lines.append(f'  last kNN (step {step}): {values}')
+        # The task's evaluation: pretraining's online kNN, fine-tuning's top-1 / top-5.
+        for prefix, title in (('knn/', 'kNN'), ('eval/', 'evaluation')):
+            evaluated = [step for step, scalars in metrics.items()
+                         if any(name.startswith(prefix) for name in scalars)]
+            if evaluated:
+                step = max(evaluated)
+                values = ', '.join(f'{name[len(prefix):]} {value:.1f} %'
+                                   for name, value in sorted(metrics[step].items())
+                                   if name.startswith(prefix))
+                lines.append(f'  last {title} (step {step}): {values}')
     return lines
 
 

@@ -62,6 +62,10 @@ def test_a_run_logs_its_evaluation_and_resumes_as_pretraining_does(finetuned):
     assert 10 < metrics[31]['eval/top1'] <= metrics[31]['eval/top5'] <= 100
     saved = json.loads((finetuned / 'config.json').read_text())
     assert saved['task'] == 'finetune' and saved['num_classes'] == 10
+    # `python -m bam_jax.runs` shows the task's evaluation, as it shows pretraining's kNN.
+    from bam_jax import runs
+    assert (f'  last evaluation (step 31): top1 {metrics[31]["eval/top1"]:.1f} %, top5 '
+            f'{metrics[31]["eval/top5"]:.1f} %') in runs.describe(finetuned)
 
 
 # ---------------------------------------------------------------- the step
