@@ -197,7 +197,7 @@ def test_the_classifier_exports_to_timm_and_its_backbone_evaluates(finetuned, tm
 
 
 # ---------------------------------------------------------------- what pretraining is worth
-def run_one_device(workdir, *flags, config, module=None, timeout=900):
+def run_one_device(workdir, *flags, config=None, module=None, timeout=900):
     """`python train.py` (or `python -m module`) on one optimised CPU device, as a user's
     `python train.py`; its output is kept in `workdir.log`."""
     argv = ([sys.executable, '-m', module, *flags] if module
@@ -235,8 +235,7 @@ def test_pretraining_beats_random_init_and_fine_tuning_beats_the_linear_probe(pr
     from_random = fine_tuned('random', '--config.init.source=random')
     out = tmp_path / 'linear.json'
     run_one_device(tmp_path / 'linear', f'--workdir={pretrained}', '--config.protocols=linear',
-                   '--config.linear.epochs=10', f'--out={out}', module='bam_jax.evaluate',
-                   config=None)
+                   '--config.linear.epochs=10', f'--out={out}', module='bam_jax.evaluate')
     linear = json.loads(out.read_text())['results']['linear']['top1']
     print(f'fine-tuned from BAM {from_bam}, from random {from_random}, linear probe {linear}')
     assert from_bam >= from_random + 1.0
