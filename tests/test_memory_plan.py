@@ -1,10 +1,13 @@
 """`benchmarks/memory_plan.py` on simulated CPU devices: per-chip costs and the roofline."""
 
 import importlib.util
+import json
+import subprocess
+import sys
 
 import pytest
 
-from conftest import REPO, data_mesh
+from conftest import REPO, data_mesh, environment
 
 _spec = importlib.util.spec_from_file_location('memory_plan',
                                                REPO / 'benchmarks' / 'memory_plan.py')
@@ -62,3 +65,19 @@ def test_finetune_host_cores_need_a_measured_pipeline():
                                  memory_plan.IMAGES_PER_CORE['finetune'])
     assert rates['host_cores_needed'] is None
     assert rates['images_per_s_per_host'] == pytest.approx(8.0)
+
+
+def test_the_documented_finetune_command_plans_the_paper_batch():
+    """docs/performance.md's `memory_plan.py --task finetune`, compiled for 8 CPU devices
+    instead of a TPU (no libtpu in the tests): ViT-S/16 at DeiT's batch of 1024, 128 images
+    a device, about 28 GFLOP an image by XLA's count (the analytic figure is 27.6)."""
+    result = subprocess.run(
+        [sys.executable, 'benchmarks/memory_plan.py', '--task', 'finetune', '--platform',
+         'cpu', '--devices', '8', '--variants', 'vit_small', '--topologies', 'v5e-64',
+         '--layouts', 'replicated', '--remat', 'no'],
+        cwd=REPO, env=environment(8), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(result.stdout.strip().splitlines()[-1])['rows']
+    assert (row['task'], row['variant'], row['images_per_chip']) == ('finetune', 'vit_small',
+                                                                    128)
+    assert 26e9 < row['flops_total'] / 1024 < 30e9
