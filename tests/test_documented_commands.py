@@ -49,8 +49,7 @@ SHRINK_MODEL = {
 # The MNIST default keeps its data and crops; only the network and the length shrink.
 SHRINK_MNIST = ('--config.model.embed_dim=32', '--config.model.depth=1',
                 '--config.model.num_heads=2', '--config.projector.hidden_dim=64',
-                '--config.projector.out_dim=32', '--config.crops.n_local=2',
-                '--config.epochs=1')
+                '--config.projector.out_dim=32', '--config.epochs=1')
 # Fine-tuning: the MNIST one keeps its data and input, its backbone is the shrunk MNIST
 # default's (the run it starts from); the ImageNet-shaped ones take the shrunk ViT of the
 # pretraining commands (their init.workdir) on 32 px inputs, a batch of 16, one epoch.
