@@ -172,7 +172,7 @@ FAST_LOW_LABEL = ('--config.fewshot.n_episodes=50', '--config.kmeans.n_init=2',
                   '--config.attention.num_images=2')
 
 
-MNIST_LINEAR = dict(bn_head=True, lr=0.1, crop_scale=(0.4, 1.0), flip_prob=0.0)
+MNIST_LINEAR = dict(bn_head=True, lr=0.1, crop_scale=(0.85, 1.0), flip_prob=0.0)
 
 
 def test_settings_come_from_the_run_config_then_the_command_line():
@@ -195,7 +195,7 @@ def test_settings_come_from_the_run_config_then_the_command_line():
                                                                      'lr': 0.5}
         assert (config.linear.epochs, config.linear.n_last_blocks) == (7, 4)
         assert line == ("settings: configs/evaluate.py, then the run config's evaluation "
-                        'section (linear.bn_head=True, linear.crop_scale=(0.4, 1.0), '
+                        'section (linear.bn_head=True, linear.crop_scale=(0.85, 1.0), '
                         'linear.flip_prob=0.0), then the command line (linear.lr=0.5, '
                         'linear.epochs=7)')
     misspelt = mnist.get_config()
@@ -268,7 +268,7 @@ def test_workdir_and_exported_file_give_the_same_numbers(small_mnist_run, export
     probe = from_workdir['results']['linear']
     assert 15 < probe['top1'] <= 100 and len(probe['epochs']) == 3  # chance: 10
     assert {key: from_workdir['config']['linear'][key] for key in MNIST_LINEAR} == {
-        **MNIST_LINEAR, 'crop_scale': [0.4, 1.0]}  # configs/mnist.py's evaluation section
+        **MNIST_LINEAR, 'crop_scale': [0.85, 1.0]}  # configs/mnist.py's evaluation section
     assert set(from_workdir['seconds']) == {'features', 'knn', 'linear', 'fewshot',
                                             'retrieval', 'kmeans', 'attention'}
     assert re.search(rf'^knn +top1 +{knn["top1"]:.2f}$', result.stdout, re.M)  # the table
@@ -306,7 +306,7 @@ def test_the_command_says_where_its_settings_come_from():
                                      'the 4 devices')
     assert result.stdout.splitlines() == [
         "settings: configs/evaluate.py, then the run config's evaluation section "
-        '(linear.bn_head=True, linear.crop_scale=(0.4, 1.0), linear.flip_prob=0.0), then '
+        '(linear.bn_head=True, linear.crop_scale=(0.85, 1.0), linear.flip_prob=0.0), then '
         "the command line (protocols='knn', linear.lr=0.5, data.batch_size=3)"]
 
 
