@@ -2,7 +2,7 @@ r"""BAM on the embedded MNIST digits: the default of `python train.py`, minutes 
 
 The method is the paper's (teacher, Sinkhorn targets, positive masking); only sizes are
 scaled to 32 px digits and a 2-core CPU: a ViT of width 256 and depth 4 on 16 px patches,
-2 global crops of 32 px and no local crops, a narrow projector, 10 epochs (about 2 minutes
+2 global crops of 32 px and no local crops, a narrow projector, 10 epochs (about 3 minutes
 on 2 idle Xeon cores, kNN included). docs/training.md ("The MNIST default, measured") has
 the table of the variants tried behind each value.
 

@@ -118,7 +118,7 @@ def test_short_run_learns_and_saves_its_config(learned):
     # deterministic). The teacher, at momentum 0.99 → 1, has barely moved yet (87.2).
     trained = metrics[STEPS]['knn/student_top1']
     assert 0 <= trained <= 100 and metrics[STEPS]['knn/student_top5'] >= trained
-    assert trained >= random_init_knn() + 1.5
+    assert trained >= random_init_knn() + 3.0
     assert sorted(Checkpointer(learned / 'checkpoints').all_steps()) == [40, 60, 62]
     # The end of the run says what it learned: its kNN beside raw pixels' on the same
     # split (evaluate --features=pixels gives 92.8 too), computed once, kept in the workdir.
