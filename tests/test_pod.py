@@ -3,8 +3,9 @@
 `configs/vit_small_imagenet.py` is launched as on a pod (every process the same command,
 `--coordinator_address`), shrunk by command-line keys only, on the generated ImageNet-
 shaped TFDS ArrayRecord data set, with ContrastiveCrop and the online kNN on. Both
-processes get SIGTERM mid-run, save the same step and exit 143; the same commands
-resume and finish; the result is exported to timm's layout and evaluated.
+processes get SIGTERM mid-run, after a kNN, save the same step and exit 143, the log
+quoting that kNN at the step it was made; the same commands resume and finish; the
+result is exported to timm's layout and evaluated.
 """
 
 import json
@@ -20,7 +21,7 @@ from conftest import REPO, environment
 from test_documented_commands import SHRINK_MODEL, _CROPS
 from test_run import free_port
 
-EPOCHS = 3
+EPOCHS = 4  # of 8 steps; the kNN every 2
 
 
 def pod_command(workdir, data_dir, port, index):
@@ -54,7 +55,7 @@ def test_pod_run_preempted_resumed_exported_and_evaluated(tmp_path, tfds_imagene
     workdir = tmp_path / 'pod'
     processes = launch(workdir, tfds_imagenet_dir)
     deadline = time.time() + 600
-    while max(logged_steps(workdir), default=0) < 10:  # into epoch 2, after the boxes
+    while max(logged_steps(workdir), default=0) < 17:  # into epoch 3, after the kNN
         assert all(process.poll() is None for process in processes), \
             pathlib.Path(f'{workdir}.0.log').read_text()[-3000:]
         assert time.time() < deadline
@@ -70,7 +71,10 @@ def test_pod_run_preempted_resumed_exported_and_evaluated(tmp_path, tfds_imagene
     stopped_at, = saved
     steps_per_epoch = int(logs[0].split(' steps per epoch')[0].split()[-1])
     total = EPOCHS * steps_per_epoch
-    assert 10 <= stopped_at < total
+    assert 17 <= stopped_at < total
+    # The last kNN is epoch 2's, quoted at its own step, not at the stop's.
+    assert f'kNN (k=20) at step {2 * steps_per_epoch}: ' in logs[0]
+    assert f'at step {stopped_at}: ' not in logs[0]
     assert stopped_at in Checkpointer(workdir / 'checkpoints').all_steps()
 
     processes = launch(workdir, tfds_imagenet_dir)

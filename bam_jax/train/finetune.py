@@ -538,11 +538,12 @@ class FinetuneTask:
     def result(self, evaluation: dict[str, float]) -> dict[str, Any]:
         return {'task': 'finetune', 'labelled': True, **evaluation}
 
-    def finish(self, step: int, evaluation: dict[str, float], *, total_steps: int,
+    def finish(self, evaluated_at: int, evaluation: dict[str, float], *, total_steps: int,
                workdir) -> dict[str, float]:
         del total_steps, workdir
         if evaluation:
             logging.info('Top-1 %.2f %%, top-5 %.2f %% on %s at step %d.',
                          evaluation['eval/top1'], evaluation['eval/top5'],
-                         describe_split(self.config.data, self.config.data.val_split), step)
+                         describe_split(self.config.data, self.config.data.val_split),
+                         evaluated_at)
         return evaluation

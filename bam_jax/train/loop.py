@@ -195,12 +195,13 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
     # End of an epoch: the task's evaluation (and input changes) on its schedule.
     # ------------------------------------------------------------------------------
     evaluation: dict[str, float] = {}
+    evaluated_at = 0  # the step of `evaluation`: a stopped run's last is epochs behind
 
     def end_of_epoch(epoch: int):
-        nonlocal data_state, iterator, evaluation
+        nonlocal data_state, iterator, evaluation, evaluated_at
         scalars, restart_input = task.end_of_epoch(epoch, state, progress)
         if scalars:
-            evaluation = scalars
+            evaluation, evaluated_at = scalars, step
             writer.write_scalars(step, scalars)
         if restart_input:  # the workers read what changed when the iterator is made
             data_state = iterator.get_state()
@@ -268,7 +269,8 @@ def _train(config, workdir, *, from_step, fresh, force_config) -> dict[str, Any]
         checkpointer.wait_until_finished()
         if hasattr(iterator, 'close'):
             iterator.close()
-    evaluation = task.finish(step, evaluation, total_steps=total_steps, workdir=workdir)
+    evaluation = task.finish(evaluated_at, evaluation, total_steps=total_steps,
+                             workdir=workdir)
     writer.flush()
     writer.close()
     checkpointer.close()

@@ -21,8 +21,9 @@ A task has:
                        what to log (and return at the end); whether the input must be
                        made again (it reads something that changed)
   result(evaluation)   entries of the loop's return value (for train.py's summary)
-  finish(step, evaluation, *, total_steps, workdir) -> evaluation
-                       after the last step: its log line, baselines beside it
+  finish(evaluated_at, evaluation, *, total_steps, workdir) -> evaluation
+                       after the last step: the last evaluation's log line (made at
+                       step `evaluated_at`), baselines beside it
 """
 
 from __future__ import annotations
@@ -133,14 +134,15 @@ class PretrainTask:
                 'labelled': online.has_labelled_splits(self.config, self.train_source),
                 **evaluation}
 
-    def finish(self, step: int, evaluation: dict[str, float], *, total_steps: int,
+    def finish(self, evaluated_at: int, evaluation: dict[str, float], *, total_steps: int,
                workdir) -> dict[str, float]:
         """The last kNN in the log; at the run's end, the raw-pixel kNN of the same
         split beside it (the baseline, computed once: `online.pixel_knn`)."""
         if evaluation:
-            logging.info('kNN (k=%d) at step %d: %s', self.config.knn.k, step, ', '.join(
-                f'{name} {value:.2f}%' for name, value in sorted(evaluation.items())))
-            if step == total_steps:  # the baseline beside the final numbers
+            logging.info('kNN (k=%d) at step %d: %s', self.config.knn.k, evaluated_at,
+                         ', '.join(f'{name} {value:.2f}%'
+                                   for name, value in sorted(evaluation.items())))
+            if evaluated_at == total_steps:  # the baseline beside the final numbers
                 evaluation.update({f'knn_pixels/{name}': value for name, value in
                                    online.pixel_knn(self._knn, self.config,
                                                     workdir).items()})
