@@ -18,12 +18,14 @@ No JAX here (importing this is instant, so are --help and flag errors).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 
 import ml_collections
 from absl import app, flags
@@ -214,6 +216,43 @@ def interrupted(outcome: str) -> int:
     """A command stopped by Ctrl-C: one line on stderr, and the shell's status for it."""
     print(f'Stopped by SIGINT; {outcome}.', file=sys.__stderr__, flush=True)
     return 128 + signal.SIGINT
+
+
+class ExitOnInterrupt:
+    """Ctrl-C ends the command at once: `cleanup()`, one line (`interrupted`), exit 130.
+
+    A SIGINT handler that exits rather than a KeyboardInterrupt to catch: JAX has bare
+    `except:` clauses on its dispatch path (`jax._src.core.is_constant_dim`), and a
+    KeyboardInterrupt raised inside one is lost; in CI a linear probe ran on for two
+    minutes after its Ctrl-C. Install it in the main thread.
+    """
+
+    def __init__(self, outcome: str):
+        self.outcome = outcome
+        self.cleanup: Callable[[], None] = lambda: None
+        self._pending: bool | None = None  # not None while `deferred`
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        if self._pending is not None:
+            self._pending = True
+            return
+        self.cleanup()
+        sys.stdout.flush()
+        os._exit(interrupted(self.outcome))  # pylint: disable=protected-access
+
+    @contextlib.contextmanager
+    def deferred(self, outcome: str):
+        """While the results are committed, a Ctrl-C waits; then it stops with `outcome`."""
+        self._pending = False
+        try:
+            yield
+        finally:
+            pending, self._pending = self._pending, None
+        if pending:
+            sys.stdout.flush()
+            os._exit(interrupted(outcome))  # pylint: disable=protected-access
 
 
 def one_line(error: BaseException) -> str:

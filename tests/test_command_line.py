@@ -3,6 +3,7 @@ the flag. Real subprocesses; nothing here trains or evaluates."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -132,3 +133,47 @@ def test_a_config_file_that_cannot_load_is_one_line(arguments, line):
     result = run(*arguments)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [line]
+
+
+# A command's main thread (as `command_line.run` sets it up) that swallows every exception,
+# as JAX's bare `except:` clauses do, and prints 'ready' once it holds ExitOnInterrupt; with
+# `deferred`, it commits a file 1 s after 'ready'.
+_SWALLOWING = '''
+import pathlib, sys, time
+from bam_jax import command_line, lifetime
+lifetime.route_interrupts()
+interrupt = command_line.ExitOnInterrupt('nothing was written')
+interrupt.cleanup = lambda: print('cleaned up', flush=True)
+if sys.argv[1] == 'deferred':
+    with interrupt.deferred('the results were written'):
+        print('ready', flush=True)
+        time.sleep(1)
+        pathlib.Path(sys.argv[2]).write_text('done')
+print('ready', flush=True)
+while True:
+    try:
+        time.sleep(0.01)
+    except:  # noqa: E722
+        pass
+'''
+
+
+@pytest.mark.parametrize('when', ['running', 'deferred'])
+def test_ctrl_c_stops_a_command_whose_code_swallows_keyboard_interrupt(when, tmp_path):
+    """A KeyboardInterrupt raised inside a bare `except:` is lost (in CI a linear probe
+    ran on after its Ctrl-C); `command_line.ExitOnInterrupt` exits from the handler
+    itself. While results are committed (`deferred`) the Ctrl-C waits for them."""
+    committed = tmp_path / 'results'
+    process = subprocess.Popen([sys.executable, '-c', _SWALLOWING, when, str(committed)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    assert process.stdout.readline() == 'ready\n'
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    if when == 'running':
+        assert stdout == 'cleaned up\n' and not committed.exists()
+        assert stderr == 'Stopped by SIGINT; nothing was written.\n'
+    else:
+        assert stdout == '' and committed.read_text() == 'done'
+        assert stderr == 'Stopped by SIGINT; the results were written.\n'

@@ -78,6 +78,11 @@ def reference(small_mnist_run):
     return small_mnist_run
 
 
+# The tests of the default run share one worker, which runs it once (a module fixture is
+# set up again on every pytest-xdist worker that runs one of its tests).
+ON_THE_DEFAULT_RUN = pytest.mark.xdist_group('default_run')
+
+
 @pytest.fixture(scope='module')
 def default_run(tmp_path_factory):
     """`python train.py` as the README's quickstart runs it: the default config on one
@@ -111,6 +116,7 @@ def test_bad_values_name_the_key(tmp_path):
     assert 'config.batch_size=63 is not divisible by the 4 devices' in result.stderr
 
 
+@ON_THE_DEFAULT_RUN
 def test_the_default_run_learns_and_saves_its_config(default_run):
     config = json.loads((default_run / 'config.json').read_text())
     assert config['epochs'] == 10 and config['profile_steps'] == 3  # the override
@@ -132,6 +138,7 @@ def test_the_default_run_learns_and_saves_its_config(default_run):
     assert sorted(Checkpointer(default_run / 'checkpoints').all_steps()) == [248, 279, 310]
 
 
+@ON_THE_DEFAULT_RUN
 def test_the_default_run_ends_at_the_readmes_knn(default_run):
     """The final kNN is the one the README quotes, for student and teacher, beside raw
     pixels' 92.8. The run is deterministic on one device (it gave the same figures in two
@@ -153,6 +160,7 @@ def test_the_default_run_ends_at_the_readmes_knn(default_run):
     assert json.loads((default_run / 'knn_pixels.json').read_text())['knn']['top1'] == 92.8
 
 
+@ON_THE_DEFAULT_RUN
 def test_tensorboard_shows_the_scalars_hyperparameters_and_profile(default_run):
     """Read back by TensorBoard's own reader: the event files are written without
     TensorFlow (7 s of every start, not imported by the run), so this proves the format."""

@@ -131,6 +131,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     logging.set_verbosity(logging.WARNING)  # progress goes to stdout, errors to stderr
+    interrupt = command_line.ExitOnInterrupt('nothing was written')
     import jax
     command_line.skip_absent_tpu()
     from bam_jax import export
@@ -164,6 +165,12 @@ def main(argv):
                                        protocols=protocols)
         staging = {name: directory.with_name(f'.{directory.name}.{os.getpid()}.tmp')
                    for name, directory in directories.items()}
+
+        def remove_staging():
+            for directory in staging.values():
+                shutil.rmtree(directory, ignore_errors=True)
+
+        interrupt.cleanup = remove_staging
         try:
             for directory in staging.values():
                 directory.mkdir()
@@ -173,19 +180,16 @@ def main(argv):
                        'num_classes': evaluation.num_classes, 'devices': jax.device_count(),
                        'results': results, 'seconds': seconds, 'config': config.to_dict()}
             if out is not None and jax.process_index() == 0:
-                export.write_all({out: lambda path: path.write_text(
-                    json.dumps(summary, indent=2) + '\n')})
-                for name, directory in staging.items():
-                    os.replace(directory, directories[name])
+                with interrupt.deferred(f'the results were written to {out}'):
+                    export.write_all({out: lambda path: path.write_text(
+                        json.dumps(summary, indent=2) + '\n')})
+                    for name, directory in staging.items():
+                        os.replace(directory, directories[name])
         finally:
-            for directory in staging.values():
-                shutil.rmtree(directory, ignore_errors=True)
+            remove_staging()
     except (export.ExportError, DataError, ValueError, OSError) as error:
         # ValueError: bad settings and the architecture mismatches (ArchitectureMismatch).
         _fail(str(error).replace('\n', ' '))
-    except KeyboardInterrupt:
-        sys.stdout.flush()
-        os._exit(command_line.interrupted('nothing was written'))
     print('\n'.join(_table(results)))
     if out is not None:
         print(f'wrote {out}' + ''.join(f' and {directory}/'
