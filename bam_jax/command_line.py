@@ -222,9 +222,10 @@ class ExitOnInterrupt:
     """Ctrl-C ends the command at once: `cleanup()`, one line (`interrupted`), exit 130.
 
     A SIGINT handler that exits rather than a KeyboardInterrupt to catch: JAX has bare
-    `except:` clauses on its dispatch path (`jax._src.core.is_constant_dim`), and a
-    KeyboardInterrupt raised inside one is lost; in CI a linear probe ran on for two
-    minutes after its Ctrl-C. Install it in the main thread.
+    `except:` clauses on its dispatch path (`jax._src.core.is_constant_dim`,
+    `jax._src.api._is_ref`), and a KeyboardInterrupt raised inside one is lost. In CI a
+    linear probe once ran on for two minutes after its Ctrl-C. Install it in the main
+    thread.
     """
 
     def __init__(self, outcome: str):

@@ -16,8 +16,8 @@ import tempfile
 # its MLIR fusion emitters, which compile each of a step's ~1,700 fusions as a module of
 # its own (tiny CaFormer step: 14.3 → 5.8 s; ResNet 8.8 → 4.3; ViT 5.8 → 2.4), and the 62
 # steps of the small run were no slower. A run that executes long passes `optimized=True`:
-# the learned run is 50 % slower at -O0. The HLO is the same; float rounding differs in the
-# last bits.
+# the MNIST default's run is 50 % slower at -O0. The HLO is the same; float rounding
+# differs in the last bits.
 FAST_COMPILE = ('--xla_backend_optimization_level=0 --xla_cpu_parallel_codegen_split_count=1 '
                 '--xla_cpu_use_fusion_emitters=false')
 os.environ['XLA_FLAGS'] = ' '.join(
