@@ -90,12 +90,13 @@ def default_run(tmp_path_factory):
     change no figure). Its 310 steps take about 3 minutes; every test of the run's
     output reads this one."""
     workdir = tmp_path_factory.mktemp('default') / 'mnist'
-    log = open(f'{workdir}.log', 'w')
-    process = subprocess.Popen(
-        [sys.executable, '-X', 'importtime', 'train.py', f'--workdir={workdir}',
-         '--config.profile_steps=3'],
-        env=environment(1, optimized=True), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    assert finish(process, workdir, timeout=1200) == 0
+    with open(f'{workdir}.log', 'w') as log:
+        process = subprocess.Popen(
+            [sys.executable, '-X', 'importtime', 'train.py', f'--workdir={workdir}',
+             '--config.profile_steps=3'],
+            env=environment(1, optimized=True), cwd=REPO, stdout=log,
+            stderr=subprocess.STDOUT)
+        assert finish(process, workdir, timeout=1200) == 0
     return workdir
 
 
